@@ -1,0 +1,387 @@
+"""
+A Qwen2 / Qwen2.5 decoder in one file, written to be read top to bottom.
+
+The pieces, in the order they appear:
+    ModelConfig       hyperparameters; from_hf() reads a Hugging Face config.json
+    RMSNorm           x / rms(x) * weight, normalised in fp32
+    RoPE              rotary positions, Hugging Face "rotate-half" layout, base rope_theta
+    varlen_attention  THE attention seam: causal attention over packed variable-length sequences
+    Attention         grouped-query attention (GQA); q/k/v projections have a bias, o_proj has none
+    MLP               SwiGLU: down(silu(gate(x)) * up(x))
+    Block             pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
+    Transformer       embeddings -> blocks -> final norm -> lm_head (tied or untied) -> loss
+
+Everything inside the model works on *packed* tokens: a batch is one long row of N tokens holding
+several sequences back to back, with `cu_seqlens` (int32, n+1 offsets) marking where each starts.
+Attention never crosses a sequence boundary, and RoPE positions come in explicitly, because under
+context parallelism a rank holds zigzag shards whose positions are not arange(N). The model never
+knows about parallelism: train.py swaps the attention function through `attn_fn`.
+
+Parameter names equal Hugging Face's without the leading "model." (lm_head.weight stays as is), so
+loading a checkpoint is a rename, not a permutation. Shapes in comments: N tokens, C = n_embd,
+H query heads, Hkv key/value heads, D = head_dim, V = vocab_size.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional CUDA extra: pip install flash-attn
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936
+    n_layer: int = 24
+    n_head: int = 14
+    n_kv_head: int = 2           # GQA: each K/V head serves n_head // n_kv_head query heads
+    n_embd: int = 896
+    intermediate_size: int = 4864
+    rope_theta: float = 1000000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix (Qwen2.5 <= 3B)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf):
+        """Build from a Hugging Face Qwen2 config.json dict; refuse what this file does not implement."""
+        if hf.get("model_type") != "qwen2":
+            raise ValueError(f"unsupported architecture: model_type={hf.get('model_type')!r}, "
+                             f"architectures={hf.get('architectures')}; model.py implements Qwen2/Qwen2.5 ('qwen2')")
+        # transformers < 5 writes rope_theta at the top level, >= 5 inside rope_parameters
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"unsupported RoPE scaling {rope}; only plain RoPE is implemented")
+        if hf.get("use_sliding_window"):
+            raise ValueError("unsupported: use_sliding_window=true (Qwen2.5 checkpoints ship it off)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; Qwen2 uses 'silu'")
+        cfg = cls(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                  n_head=hf["num_attention_heads"],
+                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                  rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                  norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  tie_embeddings=hf.get("tie_word_embeddings", False))
+        if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+            raise ValueError(f"unsupported: head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
+        return cfg
+
+    def to_hf(self):
+        """The config.json dict transformers needs to load what save_pretrained writes."""
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                "vocab_size": self.vocab_size, "num_hidden_layers": self.n_layer,
+                "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
+                "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
+                "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_eps,
+                "tie_word_embeddings": self.tie_embeddings, "use_sliding_window": False,
+                "max_position_embeddings": 131072}
+
+
+PRESETS = {
+    # real Hugging Face shapes (config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-7B), the paper's two models
+    "qwen2.5-0.5b": ModelConfig(),
+    "qwen2.5-7b": ModelConfig(vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4, n_embd=3584,
+                              intermediate_size=18944, tie_embeddings=False),
+    # ~0.8M parameters for a 2-core CPU: byte-level vocab (256 bytes + 8 specials), head_dim 32, same
+    # GQA ratio as Qwen2.5-0.5B's spirit (2 query heads per KV head); classic RoPE base for short contexts
+    "tiny": ModelConfig(vocab_size=264, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                        intermediate_size=352, rope_theta=10000.0),
+}
+
+# -----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 sums of squares lose precision), cast back, then scale: Qwen2's order
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RoPE(nn.Module):
+    """Rotary embedding, rotate-half layout: dims (i, i + D/2) form a pair rotated by pos * theta^(-2i/D).
+    Hugging Face's layout, so Qwen2 q/k weights load without permuting rows. No buffers: the
+    frequencies are recomputed in fp32 each call (D/2 numbers), so .to(bf16) and meta-device
+    construction can never degrade them."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, position_ids):  # (N,) -> cos, sin each (N, 1, D) in fp32
+        D = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, D, 2, device=position_ids.device, dtype=torch.float32) / D))
+        freqs = position_ids.float()[:, None] * inv_freq  # (N, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, D), broadcasts over heads
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def rotate(x, cos, sin):  # x (N, heads, D)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        # cos/sin cast to x's dtype like transformers does, so bf16 runs match the reference
+        return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def varlen_attention(q, k, v, cu_seqlens):
+    """Causal attention within each packed sequence, never across.
+    q (N, H, D), k/v (N, Hkv, D), cu_seqlens int32 (n+1,) offsets into N -> out (N, H, D).
+    CUDA + flash-attn + fp16/bf16: one varlen kernel call. Otherwise one scaled_dot_product_attention
+    per sequence (a single batched call when all lengths are equal), so the cost is sum(L_i^2), never
+    the (N x N) block-diagonal mask. When q and k have the same length, top-left (torch) and
+    bottom-right (flash-attn) causal alignment coincide, so both paths compute the same thing."""
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # flash-attn handles GQA itself
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+
+    def sdpa(q, k, v):  # (B, L, heads, D) -> (B, L, H, D); sdpa wants heads before length
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    bounds = cu_seqlens.tolist()
+    lengths = {e - s for s, e in zip(bounds[:-1], bounds[1:])}
+    if len(lengths) == 1 and bounds[0] == 0 and bounds[-1] == q.shape[0]:  # e.g. an unpacked (B, T) batch
+        L = lengths.pop()
+        n = q.shape[0] // L if L else 0
+        if n:
+            return sdpa(q.view(n, L, *q.shape[1:]), k.view(n, L, *k.shape[1:]),
+                        v.view(n, L, *v.shape[1:])).reshape(q.shape)
+    out = [sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0] for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out) if out else torch.zeros_like(q)
+
+
+def positions_from_cu_seqlens(cu_seqlens, n_tokens):
+    """Default position_ids: 0, 1, 2, ... restarting at every sequence start. (N,) int64."""
+    cu = cu_seqlens.long()
+    if cu[0] != 0 or cu[-1] != n_tokens:
+        raise ValueError(f"cu_seqlens must run from 0 to the number of tokens ({n_tokens}), got {cu.tolist()}")
+    starts = torch.repeat_interleave(cu[:-1], cu.diff())  # each token's sequence start
+    return torch.arange(n_tokens, device=cu.device) - starts
+
+# -----------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, D = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
+        assert config.n_head % config.n_kv_head == 0, "GQA needs n_head divisible by n_kv_head"
+        # Qwen2 quirk: q/k/v carry a bias, the output projection does not
+        self.q_proj = nn.Linear(C, config.n_head * D, bias=True)
+        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=True)
+        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=True)
+        self.o_proj = nn.Linear(config.n_head * D, C, bias=False)
+
+    def forward(self, x, cos, sin, attn_fn):  # x (N, C)
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.n_head, self.head_dim)     # (N, H, D)
+        k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)  # (N, Hkv, D)
+        v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)  # (N, Hkv, D)
+        q, k = RoPE.rotate(q, cos, sin), RoPE.rotate(k, cos, sin)
+        y = attn_fn(q, k, v)                                       # (N, H, D), the seam
+        return self.o_proj(y.reshape(N, self.n_head * self.head_dim))  # (N, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, I = config.n_embd, config.intermediate_size
+        self.gate_proj = nn.Linear(C, I, bias=False)
+        self.up_proj = nn.Linear(C, I, bias=False)
+        self.down_proj = nn.Linear(I, C, bias=False)
+
+    def forward(self, x):  # (N, C) -> (N, I) -> (N, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_fn):  # (N, C) -> (N, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_fn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    # targets are pushed through lm_head this many tokens at a time, and each chunk's logits are
+    # recomputed in backward instead of stored: 2048 x 152K fp32 is 1.2 GB, the whole 26K-token
+    # bucket of the paper would be 16 GB of logits plus as much again for their gradient
+    loss_chunk = 2048
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.rope = RoPE(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one Parameter, so parameters() yields it once
+
+    @staticmethod
+    def _init_weights(module):  # transformers' Qwen2 init: N(0, 0.02), zero biases, unit norms
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # a tied embedding counts once
+
+    def forward(self, idx, targets=None, *, cu_seqlens=None, position_ids=None, attn_fn=None,
+                reduction="mean", return_logits=None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        Unpacked: each of the B rows is one sequence. Packed: B == 1 and cu_seqlens (int32, n+1)
+        gives the sequence offsets inside the row. position_ids, (B, T) or (T,), default to
+        0, 1, ... restarting at every sequence start. attn_fn(q, k, v) replaces
+        varlen_attention(q, k, v, cu_seqlens) in every layer (context parallelism plugs in here).
+        targets (B, T) are already shifted (target[t] is token t+1), -100 = no loss at t.
+        reduction "mean" averages over targets != -100 (0 if there are none), "sum" adds them up.
+        The loss is computed in fp32. return_logits defaults to `targets is None`: with targets,
+        logits are None unless asked for, and the loss only pushes target positions through lm_head,
+        a chunk at a time, so the (N, V) logits are never held in memory at once.
+        logits, when returned, are (B, T, V) in the model's dtype.
+        """
+        B, T = idx.shape
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=idx.device)
+        elif B != 1:
+            raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got idx of shape {tuple(idx.shape)}")
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, B * T)
+        if attn_fn is None:
+            attn_fn = lambda q, k, v: varlen_attention(q, k, v, cu_seqlens)  # noqa: E731
+        if return_logits is None:
+            return_logits = targets is None
+
+        x = self.embed_tokens(idx.reshape(-1))       # (N, C), N = B*T packed tokens
+        cos, sin = self.rope(position_ids.reshape(-1))  # (N, 1, D) each
+        for block in self.layers:
+            x = block(x, cos, sin, attn_fn)
+        x = self.norm(x)                             # (N, C)
+
+        logits = self.lm_head(x) if return_logits else None  # (N, V)
+        loss = None
+        if targets is not None:
+            targets = targets.reshape(-1)
+            if logits is not None:
+                loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+                n_targets = (targets != -100).sum()
+            else:
+                loss, n_targets = self._chunked_loss(x, targets)
+            if reduction == "mean":
+                loss = loss / n_targets.clamp(min=1)
+            elif reduction != "sum":
+                raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return (logits.view(B, T, -1) if logits is not None else None), loss
+
+    def _chunked_loss(self, x, targets):  # x (N, C), targets (N,) -> summed fp32 loss, count
+        keep = targets != -100
+        x, targets = x[keep], targets[keep]  # SFT: prompt tokens never reach lm_head
+        # at least one (possibly empty) chunk, so lm_head is in the graph even when nothing is
+        # trained on: DDP expects every parameter to get a gradient
+        loss = sum(checkpoint(self._loss_sum, x[i:i + self.loss_chunk], targets[i:i + self.loss_chunk],
+                              use_reentrant=False)
+                   for i in range(0, max(len(targets), 1), self.loss_chunk))
+        return loss, keep.sum()
+
+    def _loss_sum(self, x, targets):  # x (n, C) -> sum of fp32 cross-entropy over n tokens
+        return F.cross_entropy(self.lm_head(x).float(), targets, reduction="sum")
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints: our parameter name = HF name without the "model." prefix
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """Load a local Hugging Face Qwen2/Qwen2.5 directory: config.json plus model.safetensors or a
+        sharded model.safetensors.index.json. No network, safetensors only. dtype: the parameter
+        dtype; None keeps torch's default (fp32: what training with bf16 autocast wants)."""
+        from safetensors.torch import load_file
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: not a directory (expected a local Hugging Face Qwen2 checkpoint)")
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{path}: no config.json")
+        with open(config_file) as f:
+            try:
+                config = ModelConfig.from_hf(json.load(f))
+            except ValueError as e:
+                raise ValueError(f"{config_file}: {e}") from None
+        index_file = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            shards = ["model.safetensors"]
+        elif os.path.isfile(index_file):
+            with open(index_file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                    "(only safetensors checkpoints are supported)")
+        hf = {}
+        for shard in shards:
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise FileNotFoundError(f"{path}: shard {shard} listed in the index is missing")
+            hf.update(load_file(os.path.join(path, shard)))
+
+        with torch.device("meta"):  # no random init of billions of weights we are about to overwrite
+            model = cls(config)
+        expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
+        if config.tie_embeddings:
+            expected.pop("lm_head.weight")  # tied checkpoints usually omit it; if present it is a copy
+        state, missing = {}, []
+        for name, shape in expected.items():
+            hf_name = name if name == "lm_head.weight" else "model." + name
+            if hf_name not in hf:
+                missing.append(hf_name)
+                continue
+            tensor = hf.pop(hf_name)  # pop: free each source tensor once converted
+            if tensor.shape != shape:
+                raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(shape)}")
+            state[name] = tensor.to(dtype or torch.get_default_dtype())
+        if missing:
+            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
+        return model
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors that transformers (and from_pretrained) can load."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_hf(), f, indent=2)
+        state = {(n if n == "lm_head.weight" else "model." + n): t.detach().contiguous().cpu()
+                 for n, t in self.state_dict().items()
+                 if not (n == "lm_head.weight" and self.config.tie_embeddings)}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,269 @@
+"""data/prepare.py and data/synthetic.py: rendering and loss mask, bad input, atomic output, tokenizers,
+Table 1 length sampling, the synthetic dataset."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data.prepare import DataError, encode_chat, get_tokenizer, load_dataset, prepare  # noqa: E402
+from data.synthetic import MIN_LEN, TABLE1, THRESHOLDS, make_synthetic, sample_lengths, scale_ref  # noqa: E402
+
+CHAT = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]}
+PR = {"prompt": "hi", "response": "hello", "id": 7}  # extra keys are ignored
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return str(path)
+
+
+def listing(d):
+    return sorted(os.listdir(d))
+
+
+def test_prepare_both_formats_and_mask(tmp_path):
+    src = write_jsonl(tmp_path / "sft.jsonl", [CHAT, "", PR])  # a blank line in the middle is skipped
+    out = prepare(src, tmp_path / "out", tokenizer="byte", verbose=False)
+    ds = load_dataset(out)
+    tok = get_tokenizer("byte")
+    assert len(ds) == 2 and ds.meta["n_seqs"] == 2
+    assert listing(out) == ["mask.bin", "meta.json", "offsets.bin", "tokens.bin"]
+    ids, mask = ds.get(0)
+    assert ids.dtype == np.int64 and mask.dtype == bool
+    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                               "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                               "<|im_start|>assistant\n4<|im_end|>\n")
+    # trained tokens: exactly the assistant contents and their closing <|im_end|>, as contiguous runs
+    assert tok.decode(ids[mask]) == "hello<|im_end|>4<|im_end|>"
+    runs = np.flatnonzero(np.diff(mask.astype(int)) != 0) + 1
+    assert [tok.decode(ids[a:b]) for a, b in zip(runs[::2], runs[1::2])] == ["hello<|im_end|>", "4<|im_end|>"]
+    ids1, mask1 = ds.get(1)
+    assert tok.decode(ids1) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+    assert tok.decode(ids1[mask1]) == "hello<|im_end|>"
+    assert ds.lengths.dtype == np.int64 and ds.lengths.tolist() == [len(ids), len(ids1)]
+    m = ds.meta
+    assert (m["vocab_size"], m["im_start_id"], m["im_end_id"], m["eos_id"], m["pad_id"]) == (264, 256, 257, 257, 259)
+    assert m["n_tokens"] == len(ids) + len(ids1) and m["n_trained_tokens"] == int(mask.sum() + mask1.sum())
+    assert ds.get(-1)[0].tolist() == ids1.tolist()
+    with pytest.raises(IndexError):
+        ds.get(2)
+
+
+BAD = [  # (line content, expected words in the error)
+    ('{"messages": [', "malformed JSON"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"text": "hi"}', "missing fields"),
+    ('{"prompt": "hi"}', "no 'response'"),
+    ('{"prompt": "hi", "response": 3}', "'response' must be a string"),
+    ('{"messages": []}', "empty conversation"),
+    ('{"messages": "hi"}', "'messages' must be a list"),
+    ('{"messages": [{"role": "user"}]}', "has no 'content'"),
+    ('{"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]}', "must be a string"),
+    ('{"messages": [{"role": "asistant", "content": "x"}]}', "expected one of system, user, assistant"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
+    ('{"prompt": "x", "response": "' + "y" * 300 + '"}', "> max_len=100"),
+]
+
+
+@pytest.mark.parametrize("line,words", BAD)
+def test_bad_input_names_file_and_line(tmp_path, line, words):
+    src = write_jsonl(tmp_path / "bad.jsonl", [PR, "", line, PR])  # the bad sample is on line 3
+    with pytest.raises(DataError) as e:
+        prepare(src, tmp_path / "out", tokenizer="byte", max_len=100, verbose=False)
+    assert f"bad.jsonl:3: " in str(e.value) and words in str(e.value), str(e.value)
+    assert listing(tmp_path) == ["bad.jsonl"]  # no output dir, no temp dir left behind
+
+
+def test_invalid_utf8_and_empty_file(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(json.dumps(PR).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"x\.jsonl:2: not valid UTF-8"):
+        prepare(str(p), tmp_path / "out", tokenizer="byte", verbose=False)
+    p.write_text("\n\n")
+    with pytest.raises(DataError, match="no samples"):
+        prepare(str(p), tmp_path / "out", tokenizer="byte", verbose=False)
+    assert listing(tmp_path) == ["x.jsonl"]
+
+
+def test_existing_out_dir_never_clobbered(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [PR])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [PR, '{"oops"'])
+    out = tmp_path / "out"
+    prepare(good, out, tokenizer="byte", verbose=False)
+    before = {f: (out / f).read_bytes() for f in listing(out)}
+    with pytest.raises(FileExistsError):  # refused without overwrite
+        prepare(good, out, tokenizer="byte", verbose=False)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):  # fails: old dir untouched
+        prepare(bad, out, tokenizer="byte", overwrite=True, verbose=False)
+    assert {f: (out / f).read_bytes() for f in listing(out)} == before
+    write_jsonl(good, [PR, PR])
+    prepare(good, out, tokenizer="byte", overwrite=True, verbose=False)  # succeeds: replaced
+    assert len(load_dataset(out)) == 2
+    assert listing(tmp_path) == ["bad.jsonl", "good.jsonl", "out"]
+
+
+def test_truncate_policy(tmp_path):
+    long_answer = {"prompt": "q", "response": "a" * 200}
+    long_prompt = {"prompt": "q" * 200, "response": "a"}
+    src = write_jsonl(tmp_path / "s.jsonl", [PR, long_answer, long_prompt])
+    out = prepare(src, tmp_path / "out", tokenizer="byte", max_len=64, overlong="truncate", verbose=False)
+    ds = load_dataset(out)
+    # the long answer is cut to 64 tokens; the long prompt leaves no assistant token and is skipped
+    assert len(ds) == 2 and ds.lengths.tolist()[1] == 64
+    assert ds.meta["n_truncated"] == 2 and ds.meta["n_skipped"] == 1
+    ids, mask = ds.get(1)
+    full_ids, full_mask = encode_chat(get_tokenizer("byte"), [("user", "q"), ("assistant", "a" * 200)])
+    assert ids.tolist() == full_ids[:64] and mask.tolist() == [bool(x) for x in full_mask[:64]]
+    assert ds.lengths.max() <= 64
+
+
+def test_load_dataset_detects_damage(tmp_path):
+    out = prepare(write_jsonl(tmp_path / "s.jsonl", [PR, CHAT]), tmp_path / "out", tokenizer="byte", verbose=False)
+    tokens = (tmp_path / "out" / "tokens.bin").read_bytes()
+    (tmp_path / "out" / "tokens.bin").write_bytes(tokens[:-4])
+    with pytest.raises(DataError, match="tokens.bin.*meta.json says"):
+        load_dataset(out)
+    os.remove(tmp_path / "out" / "meta.json")
+    with pytest.raises(DataError, match="missing meta.json"):
+        load_dataset(out)
+    with pytest.raises(DataError, match="no such prepared dataset"):
+        load_dataset(tmp_path / "nope")
+
+
+def test_cl100k_offline(tmp_path):
+    tok = get_tokenizer("cl100k_base")
+    assert tok.encode("hello world") == [15339, 1917]  # the real cl100k_base ranks
+    assert (tok.im_start_id, tok.im_end_id, tok.pad_id, tok.vocab_size) == (100277, 100278, 100257, 100280)
+    assert tok.encode("<|im_end|>") != [tok.im_end_id]  # text in a message never becomes a special token
+    src = write_jsonl(tmp_path / "s.jsonl", [CHAT])
+    ds = load_dataset(prepare(src, tmp_path / "out", verbose=False))
+    ids, mask = ds.get(0)
+    assert ds.meta["tokenizer"] == "cl100k_base" and ds.meta["max_token_id"] == 100278
+    assert tok.decode(ids[mask]) == "hello<|im_end|>4<|im_end|>"
+    assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_checkpoint_dir_tokenizer(tmp_path):
+    """A Qwen-style checkpoint dir: tokenizer.json (byte-level BPE with ChatML specials) + config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    t.train_from_iterator(["hello world, be brief", "2+2? 4 hi there"] * 10,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    t.save(str(ckpt / "tokenizer.json"))
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 320}))
+    ds = load_dataset(prepare(write_jsonl(tmp_path / "s.jsonl", [CHAT]), tmp_path / "out",
+                              tokenizer=str(ckpt), verbose=False))
+    tok = get_tokenizer(str(ckpt))
+    assert (tok.pad_id, tok.im_start_id, tok.im_end_id, ds.meta["vocab_size"]) == (0, 1, 2, 320)
+    ids, mask = ds.get(0)
+    assert ids[0] == 1 and tok.decode(ids[mask]) == "hello<|im_end|>4<|im_end|>"
+    assert tok.encode("<|im_end|>") != [2]
+
+
+def test_cli_error_exit(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [PR, PR, '{"prompt": "x"'])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "--input", src,
+                        "--out_dir", str(tmp_path / "out"), "--tokenizer", "byte"], capture_output=True, text=True)
+    assert r.returncode != 0 and "bad.jsonl:3: malformed JSON" in r.stderr, r.stderr
+    assert listing(tmp_path) == ["bad.jsonl"]
+
+# -----------------------------------------------------------------------------
+# synthetic
+
+
+def test_table1_matches_paper():
+    assert THRESHOLDS == (1024, 4096, 8192, 32768, 131072)
+    assert TABLE1["wikipedia"]["cdf"] == (0.8788, 0.9934, 0.9992, 0.9999, 1.0)
+    assert TABLE1["lmsys"]["cdf"] == (0.8712, 0.9935, 0.9987, 0.9998, 0.9999)
+    assert TABLE1["chatqa2"]["cdf"] == (0.2192, 0.3148, 0.4043, 0.9986, 1.0)
+    assert [TABLE1[d]["longest"] // 1024 for d in ("wikipedia", "lmsys", "chatqa2")] == [78, 1643, 99]
+
+
+@pytest.mark.parametrize("dist", list(TABLE1))
+def test_sample_lengths_follow_cdf(dist):
+    n, t = 200_000, TABLE1[dist]
+    raw = sample_lengths(dist, n, np.random.default_rng(1))
+    assert raw.min() >= 64 and raw.max() < t["longest"]
+    for thr, c in zip(THRESHOLDS, t["cdf"]):
+        assert abs(np.mean(raw < thr) - c) < 0.004, (thr, np.mean(raw < thr), c)
+    # scaled: the same CDF at the scaled thresholds (min_len=1 so that nothing is clamped)
+    max_len = 65536
+    s = sample_lengths(dist, n, np.random.default_rng(2), max_len=max_len, min_len=1)
+    scale = max_len / scale_ref(dist)
+    assert s.max() <= max_len and s.min() >= 1
+    for thr, c in zip(THRESHOLDS, t["cdf"]):
+        assert abs(np.mean(s < thr * scale) - c) < 0.004, (thr, np.mean(s < thr * scale), c)
+    # default clamp: [MIN_LEN, max_len], and lengths above the clamp are untouched
+    small = sample_lengths(dist, n, np.random.default_rng(2), max_len=4096)
+    assert small.min() == MIN_LEN and small.max() <= 4096
+    ref = np.floor(sample_lengths(dist, n, np.random.default_rng(2), max_len=max_len, min_len=1) * 4096 / max_len)
+    above = ref >= MIN_LEN
+    assert np.abs(small[above] - ref[above]).max() <= 1  # same draw, rounding only
+    with pytest.raises(ValueError, match="unknown distribution"):
+        sample_lengths("c4", 10, np.random.default_rng(0))
+
+
+def test_make_synthetic_exact_lengths_and_deterministic(tmp_path):
+    kw = dict(dist="chatqa2", n=300, max_len=2048, seed=3, verbose=False)
+    a = make_synthetic(tmp_path / "a", **kw)
+    b = make_synthetic(tmp_path / "b", **kw)
+    ds = load_dataset(a)
+    want = sample_lengths("chatqa2", 300, np.random.default_rng(3), max_len=2048)
+    assert ds.lengths.tolist() == want.tolist()  # every sample hits its sampled length exactly
+    for f in ("tokens.bin", "mask.bin", "offsets.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert make_synthetic(tmp_path / "a", **kw) == a  # same parameters: reused
+    with pytest.raises(FileExistsError):
+        make_synthetic(tmp_path / "a", **{**kw, "seed": 4})
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # the temp JSONL is gone
+    # the samples are well-formed tasks: long = retrieval (the answer is in the context), short = reverse/upper
+    tok = get_tokenizer("byte")
+    kinds = set()
+    for i in range(len(ds)):
+        ids, mask = ds.get(i)
+        text, answer = tok.decode(ids), tok.decode(ids[mask])
+        assert answer.endswith("<|im_end|>")
+        answer = answer[: -len("<|im_end|>")]
+        question = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        if question.startswith("Records:"):
+            key = question.rsplit("What is the value of ", 1)[1].rstrip("?")
+            assert f"\n{key}: {answer}" in question and len(answer) == 5 and answer.isdigit()
+            kinds.add("kv")
+        else:
+            task, s = question.split(maxsplit=1)
+            assert answer == (s[::-1] if task.startswith("reverse") else s.upper())
+            kinds.add(task.rstrip(":"))
+    assert kinds == {"kv", "reverse", "upper"}
+
+
+def test_synthetic_script_and_speed(tmp_path):
+    """Run as a script (sys.path handling), 2000 samples at max_len 4096 in a few seconds."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "synthetic.py"), "--dist", "chatqa2",
+                        "--n", "2000", "--max_len", "4096", "--out_dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "ChatQA2-Long-SFT" in r.stdout and len(load_dataset(tmp_path / "s")) == 2000
+    import time
+    t0 = time.perf_counter()
+    make_synthetic(tmp_path / "w", dist="wikipedia", n=2000, max_len=4096, verbose=False)
+    assert time.perf_counter() - t0 < 10

@@ -1,0 +1,353 @@
+"""
+Long-context SFT with Skrull's dynamic data scheduling (arXiv 2505.19609).
+
+On a laptop CPU:
+    python train.py config/long_sft_cpu.py
+On one GPU node (8 ranks = DP x CP, e.g. cp=8 -> dp=1):
+    torchrun --nproc_per_node=8 train.py config/long_sft.py
+Multi-node: the same command with torchrun's rendezvous flags (--nnodes, --rdzv_endpoint, ...).
+
+One optimizer step = one global batch of `batch_size` sequences per DP rank. Every rank draws the same
+global batch, computes the same plan with scheduler.schedule (the scheduler is pure and deterministic),
+and loads only its own tokens: its zigzag shards of the micro-batch's distributed sequences plus its
+local sequences. The loss is a sum over this rank's target tokens divided by the global batch's target
+count, so the gradient does not depend on the schedule (DESIGN.md "Equivalence").
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import PRESETS, ModelConfig, Transformer
+from scheduler import CostModel, schedule as make_plan, padded_len
+
+# -----------------------------------------------------------------------------
+# default config values; override with config/*.py then --key=value (configurator.py)
+# I/O
+out_dir = "out"
+init_from = "scratch"  # 'scratch' | 'resume' | path to a local Hugging Face Qwen2/Qwen2.5 directory
+model_preset = "tiny"  # model.PRESETS key, used when init_from='scratch'
+checkpoint_interval = 50  # iters between checkpoints (and always at the end); 0 = never
+log_interval = 1
+dump_grads = False  # write the all-reduced gradients of the first step to out_dir/grads.safetensors
+# data
+dataset = None  # prepared directory (data/prepare.py); None -> generate the synthetic set below
+synthetic_dist = "lmsys"  # wikipedia | lmsys | chatqa2 (paper Table 1 length shapes)
+synthetic_n = 2000  # number of synthetic samples
+synthetic_max_len = 4096  # longest synthetic sample, in tokens
+# Skrull
+cp = 1  # context-parallel degree; dp = world_size // cp
+schedule = "skrull"  # naive | sorted | dacp | skrull
+bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; None -> from `profile`
+profile = None  # path to a profile JSON from `python bench.py profile` (cost constants, bucket_size)
+batch_size = 8  # sequences per DP rank per optimizer step
+# optimizer
+max_iters = 200
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 20
+lr_decay_iters = None  # None -> max_iters
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = off
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA
+compile = False
+threads = None  # torch.set_num_threads per process on CPU; None -> torch's default
+seed = 1337
+# -----------------------------------------------------------------------------
+_train_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+config = {k: globals()[k] for k in _train_keys}  # for logging and checkpoints
+# -----------------------------------------------------------------------------
+
+# distributed: world = dp x cp. CP groups are runs of consecutive ranks so the ring stays inside a node.
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+else:
+    rank, world_size, local_rank = 0, 1, 0
+master = rank == 0
+if world_size % cp != 0:
+    raise SystemExit(f"world size {world_size} is not divisible by cp={cp}")
+dp = world_size // cp
+dp_rank, cp_rank = rank // cp, rank % cp
+cp_group = None
+if ddp and cp > 1:
+    for d in range(dp):  # every rank must take part in creating every group
+        g = dist.new_group(list(range(d * cp, (d + 1) * cp)))
+        if d == dp_rank:
+            cp_group = g
+if threads is not None and not device.startswith("cuda"):
+    torch.set_num_threads(threads)
+torch.manual_seed(seed)  # same init on every rank
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" and dtype != "float32" else nullcontext()
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# data: a prepared directory, or the synthetic set generated once by rank 0
+
+from data.prepare import load_dataset
+
+if dataset is None:
+    from data.synthetic import default_dir, make_synthetic
+    dataset = default_dir(synthetic_dist, synthetic_n, synthetic_max_len, seed)
+    if master and not os.path.exists(os.path.join(dataset, "meta.json")):
+        log(f"generating synthetic dataset -> {dataset}")
+        make_synthetic(dataset, dist=synthetic_dist, n=synthetic_n, max_len=synthetic_max_len, seed=seed)
+    if ddp:
+        dist.barrier()
+ds = load_dataset(dataset)
+n_global = dp * batch_size  # sequences per optimizer step
+if len(ds) < n_global:
+    raise SystemExit(f"dataset {dataset} has {len(ds)} sequences, fewer than one global batch ({n_global})")
+
+
+def global_batch_indices(it):
+    """Dataset indices of step `it`'s global batch: a seeded shuffle per epoch, a pure function of `it`
+    so every rank agrees and a resumed run continues the same order."""
+    steps_per_epoch = len(ds) // n_global
+    epoch, k = divmod(it, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(ds))
+    return perm[k * n_global:(k + 1) * n_global]
+
+
+def example(i):
+    """Sequence i as (input ids, shifted targets with -100 off the loss mask, positions)."""
+    tokens, mask = ds.get(int(i))
+    x = torch.from_numpy(tokens.astype(np.int64))
+    y = torch.full_like(x, -100)
+    keep = torch.from_numpy(mask[1:].astype(bool))
+    y[:-1] = torch.where(keep, x[1:], torch.full_like(x[1:], -100))
+    return x, y, torch.arange(len(x))
+
+
+def load_microbatch(mb, idx):
+    """This rank's tokens for micro-batch `mb` (indices into the global batch `idx`): zigzag shards of the
+    distributed sequences (padded to a multiple of 2*cp) followed by its whole local sequences."""
+    parts, attn_fn, cu_local = [], None, None
+    if mb.distributed:
+        from context_parallel import dacp_attention, pad_to_multiple, zigzag_shard
+        xs, ys, ps = zip(*(example(idx[j]) for j in mb.distributed))
+        lengths = torch.tensor([len(x) for x in xs])
+        x, y, p, lengths = pad_to_multiple(torch.cat(xs), torch.cat(ys), torch.cat(ps), lengths, 2 * cp)
+        cu_dist = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu_dist[1:] = torch.cumsum(lengths, 0)
+        parts.append([zigzag_shard(t, cu_dist, cp_rank, cp) for t in (x, y, p)])
+    local = mb.local[cp_rank]
+    if local:
+        xs, ys, ps = zip(*(example(idx[j]) for j in local))
+        parts.append([torch.cat(xs), torch.cat(ys), torch.cat(ps)])
+    cu_local = torch.zeros(len(local) + 1, dtype=torch.int32)
+    cu_local[1:] = torch.cumsum(torch.tensor([ds.lengths[idx[j]] for j in local], dtype=torch.int64), 0)
+    if not parts:
+        return None
+    x, y, p = (torch.cat(t).to(device) for t in zip(*parts))
+    if mb.distributed:
+        attn_fn = partial(dacp_attention, cu_seqlens_dist=cu_dist.to(device), cu_seqlens_local=cu_local.to(device), group=cp_group)
+        return x[None], y[None], p[None], None, attn_fn
+    return x[None], y[None], p[None], cu_local.to(device), None
+
+
+def rank_tokens(mb, idx, j):
+    """Tokens CP rank j holds for micro-batch mb: padded share of the distributed ones + its local ones."""
+    dist_tokens = sum(padded_len(int(ds.lengths[idx[k]]), cp) for k in mb.distributed) // cp
+    return dist_tokens + sum(int(ds.lengths[idx[k]]) for k in mb.local[j])
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, cost model
+
+os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
+start_iter = 0
+if init_from in ("scratch", "resume"):
+    meta_ckpt = None
+    if init_from == "resume":
+        from safetensors import safe_open
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
+        with safe_open(ckpt_path, "pt") as f:
+            meta_ckpt = f.metadata()
+        model_config = ModelConfig(**json.loads(meta_ckpt["model_config"]))
+    else:  # from scratch the vocabulary is the dataset tokenizer's, rounded up to a multiple of 64
+        model_config = ModelConfig(**{**PRESETS[model_preset].__dict__, "vocab_size": -(-ds.meta["vocab_size"] // 64) * 64})
+    model = Transformer(model_config)
+else:
+    model = Transformer.from_pretrained(init_from)
+    model_config = model.config
+if ds.meta["vocab_size"] > model_config.vocab_size:
+    raise SystemExit(f"dataset vocab {ds.meta['vocab_size']} exceeds the model's {model_config.vocab_size}: "
+                     f"prepare the data with the model's tokenizer")
+model.to(device)
+raw_model = model  # keep the uncompiled module for saving (no _orig_mod. prefixes)
+if compile:
+    model = torch.compile(model)
+
+decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+named_params = dict(raw_model.named_parameters())
+
+if profile is not None:
+    cost = CostModel.from_profile(model_config, profile)
+    if bucket_size is None:
+        bucket_size = json.load(open(profile))["bucket_size"]
+else:
+    cost = CostModel(model_config)
+if bucket_size is None:
+    raise SystemExit("bucket_size is None and no profile JSON was given: set one of them")
+bucket_size = int(bucket_size)
+
+
+def save_checkpoint(it):
+    """Model + AdamW state in one safetensors file, written to a temp file and renamed into place."""
+    from safetensors.torch import save_file
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in named_params.items()}
+    for n, p in named_params.items():
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    meta = {"iter": str(it), "model_config": json.dumps(model_config.__dict__), "config": json.dumps(config)}
+    tmp = ckpt_path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, ckpt_path)
+
+
+def load_checkpoint():
+    from safetensors.torch import load_file
+    tensors = load_file(ckpt_path)
+    with torch.no_grad():
+        for n, p in named_params.items():
+            p.copy_(tensors[f"model.{n}"])
+    for n, p in named_params.items():
+        if f"optim.{n}.step" in tensors:
+            optimizer.state[p] = {k: tensors[f"optim.{n}.{k}"].to(device if k != "step" else "cpu") for k in ("step", "exp_avg", "exp_avg_sq")}
+    return int(meta_ckpt["iter"])
+
+
+if init_from == "resume":
+    start_iter = load_checkpoint()
+    log(f"resumed from {ckpt_path} at iter {start_iter}")
+
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+if master:  # keep the history before start_iter, drop anything a crashed run wrote after the checkpoint
+    kept = []
+    if start_iter > 0 and os.path.exists(metrics_path):
+        kept = [l for l in open(metrics_path) if l.strip() and json.loads(l)["iter"] < start_iter]
+    with open(metrics_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
+
+# -----------------------------------------------------------------------------
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+    decay_iters = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def all_reduce_grads():
+    """Gradients are reduced over DP x CP: every rank's loss is already divided by the global target
+    count, so a plain SUM over all ranks gives the full-batch gradient. One flat buffer, one call."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in named_params.values()]
+    if world_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        grads = list(torch.split(flat, [g.numel() for g in grads]))
+    for p, g in zip(named_params.values(), grads):
+        p.grad = g.view_as(p)
+
+
+log(f"world {world_size} = dp {dp} x cp {cp} | schedule {schedule} | bucket {bucket_size} tokens/rank | "
+    f"{raw_model.num_params() / 1e6:.2f}M params | dataset {dataset} ({len(ds)} seqs)")
+t_start = time.time()
+dts = []
+for it in range(start_iter, max_iters):
+    t0 = time.time()
+    lr = get_lr(it)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    idx = global_batch_indices(it)
+    lengths = [int(ds.lengths[i]) for i in idx]
+    plan = make_plan(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=seed + it)
+    # the loss is normalised by the global count of target tokens (every rank knows the global batch)
+    n_targets = sum(int(ds.get(int(i))[1][1:].sum()) for i in idx)
+    peak = max(rank_tokens(mb, idx, j) for mbs in plan for mb in mbs for j in range(cp))
+    if peak > bucket_size:
+        raise RuntimeError(f"plan puts {peak} tokens on one rank, over bucket_size={bucket_size}")
+
+    loss_sum = torch.zeros((), device=device)
+    for mb in plan[dp_rank]:  # micro-batch counts may differ between DP ranks: no collective inside
+        batch = load_microbatch(mb, idx)
+        if batch is None:  # this CP rank holds nothing in this micro-batch (no distributed sequences)
+            continue
+        x, y, p, cu, attn_fn = batch
+        with autocast:
+            _, loss = model(x, y, cu_seqlens=cu, position_ids=p, attn_fn=attn_fn, reduction="sum")
+        (loss / n_targets).backward()
+        loss_sum += loss.detach().float()
+    all_reduce_grads()
+    if dump_grads and it == start_iter and master:
+        from safetensors.torch import save_file
+        save_file({n: p.grad.detach().cpu().contiguous() for n, p in named_params.items()}, os.path.join(out_dir, "grads.safetensors"))
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+    loss_val = loss_sum.item() / n_targets  # .item() also waits for the step to finish
+
+    dt = time.time() - t0
+    dts.append(dt)
+    if master:
+        tokens = sum(lengths)
+        rec = {"iter": it, "loss": round(loss_val, 6), "tokens": tokens, "dt_ms": round(dt * 1e3, 2),
+               "tok_per_s": round(tokens / dt, 1), "n_microbatches": max(len(m) for m in plan),
+               "peak_tokens_per_rank": peak, "lr": lr}
+        if device_type == "cuda":
+            rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if it % log_interval == 0 or it == max_iters - 1:
+            recent = dts[-10:]
+            eta = (max_iters - it - 1) * sum(recent) / len(recent)
+            mem = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
+            log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f} | lr {lr:.2e} | "
+                f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
+                f"peak {peak}/{bucket_size} tok{mem} | eta {eta / 60:.1f}min")
+    last = it + 1 == max_iters
+    if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last) and master:
+        save_checkpoint(it + 1)
+
+log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
