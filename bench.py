@@ -11,15 +11,447 @@ import sys
 # ring
 
 
+def _ring_workloads(T):
+    """Packed batches of T tokens, every length a multiple of 8 (= 2W for W <= 4)."""
+    mix = [T // 2, T // 4, T // 8] + [T // 64] * 8  # one long sequence and a tail of short ones
+    return {f"1 x {T}": [T], f"varlen mix ({len(mix)} seqs)": mix}
+
+
+def _ring_time(fn, iters, barrier=lambda: None, p2p=(0.0,)):
+    """-> medians over iters (after one warm-up) of (wall time, growth of the p2p[0] counter)."""
+    import time
+    times, waits = [], []
+    for i in range(iters + 1):
+        barrier()
+        t0, w0 = time.perf_counter(), p2p[0]
+        fn()
+        times.append(time.perf_counter() - t0)
+        waits.append(p2p[0] - w0)
+    return sorted(times[1:])[iters // 2], sorted(waits[1:])[iters // 2]
+
+
+def _ring_fwd_bwd(lengths, W, rank, group, H, H_kv, D, dtype):
+    """-> a closure running one forward + backward of ring attention on this rank's shards."""
+    import itertools
+    import torch
+    import context_parallel as cp
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    x = [cp.zigzag_shard(torch.randn(int(cu[-1]), h, D, generator=g), cu, rank, W).to(dtype).requires_grad_()
+         for h in (H, H_kv, H_kv)]
+    dout = torch.randn_like(x[0])
+    return lambda: cp.ring_attention(*x, cu, group=group).backward(dout)
+
+
+def _ring_bench_worker(rank, W, init_file, out_file, opts):
+    import json
+    import time
+    import torch
+    import torch.distributed as dist
+    import context_parallel as cp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    kernels, post, p2p = (cp._attn_fwd, cp._attn_bwd), cp._Ring.post, [0.0]
+
+    def timed_post(self, buf, tag):  # time this rank spends in P2P calls: posting, and blocked in wait
+        t0 = time.perf_counter()
+        wait = post(self, buf, tag)
+        p2p[0] += time.perf_counter() - t0
+
+        def timed_wait():
+            t0 = time.perf_counter()
+            recv = wait()
+            p2p[0] += time.perf_counter() - t0
+            return recv
+        return timed_wait
+
+    def comm_only():  # the same loop and hops, attention kernels replaced by no-ops
+        f32 = dict(dtype=torch.float32)
+        cp._attn_fwd = lambda q, k, v, *a: (torch.zeros_like(q, **f32), q.new_zeros(q.shape[1], q.shape[0], **f32))
+        cp._attn_bwd = lambda dout, q, k, v, *a: tuple(torch.zeros_like(x, **f32) for x in (q, k, v))
+
+    def compute_only():  # the same loop and kernels, every "received" buffer is the one sent
+        cp._Ring.post = lambda self, buf, tag: (lambda: buf)
+
+    results = {}
+    for name, lengths in _ring_workloads(opts["T"]).items():
+        step = _ring_fwd_bwd(lengths, W, rank, None, opts["H"], opts["H_kv"], opts["D"], getattr(torch, opts["dtype"]))
+        for mode, patch in (("total", None), ("comm", comm_only), ("compute", compute_only)):
+            cp._Ring.post = timed_post
+            if patch:
+                patch()
+            t, w = (torch.tensor(x) for x in _ring_time(step, opts["iters"], dist.barrier, p2p))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            # P2P time on the rank that waits least: the others also wait for a late peer (skew, not comm)
+            dist.all_reduce(w, op=dist.ReduceOp.MIN)
+            results[f"{name}|{mode}"], results[f"{name}|{mode}|p2p"] = t.item(), w.item()
+            cp._attn_fwd, cp._attn_bwd = kernels
+            cp._Ring.post = post
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
 def bench_ring(argv):
-    raise NotImplementedError("bench.py ring")
+    """Ring attention (forward + backward) over W gloo processes vs single-process attention over
+    the same packed batch, and how much of the P2P time the ring hides behind compute."""
+    import argparse
+    import json
+    import os
+    import tempfile
+    import torch
+    import torch.multiprocessing as mp
+    ap = argparse.ArgumentParser(prog="python bench.py ring")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per packed batch (multiple of 64)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--worlds", default="2,4")
+    a = ap.parse_args(argv)
+    opts = {"T": a.tokens, "H": a.heads, "H_kv": a.kv_heads, "D": a.head_dim, "dtype": a.dtype, "iters": a.iters}
+    torch.set_num_threads(1)
+    single = {name: _ring_time(_ring_fwd_bwd(lengths, 1, 0, None, a.heads, a.kv_heads, a.head_dim, getattr(torch, a.dtype)), a.iters)[0]
+              for name, lengths in _ring_workloads(a.tokens).items()}
+    rows = []
+    for W in (int(w) for w in a.worlds.split(",")):
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(_ring_bench_worker, args=(W, f"{d}/init", f"{d}/out.json", opts), nprocs=W, join=True)
+            res = json.load(open(f"{d}/out.json"))
+        for name, t1 in single.items():
+            tot, comm, comp = (res[f"{name}|{m}"] for m in ("total", "comm", "compute"))
+            exposed, p2p = res[f"{name}|total|p2p"], res[f"{name}|comm|p2p"]
+            rows.append(f"| {name} | {W} | {t1 * 1e3:.0f} | {tot * 1e3:.0f} | {t1 / tot:.2f}x | {t1 / (W * tot):.0%} "
+                        f"| {comp * 1e3:.0f} | {p2p * 1e3:.1f} | {exposed * 1e3:.1f} | {1 - exposed / p2p:.0%} |")
+    cores = os.cpu_count()
+    print(f"ring attention fwd+bwd, {a.tokens} tokens, H={a.heads}, H_kv={a.kv_heads}, D={a.head_dim}, {a.dtype}, "
+          f"gloo, 1 thread per process, {cores} CPU cores, median of {a.iters}, load average {os.getloadavg()[0]:.1f} at the end")
+    print("speedup = t_single / t_ring; fraction of ideal = t_single / (W * t_ring) (ring-flash-attention's "
+          "measure: ideal is W times one process)\ncompute only = the same ring with P2P replaced by no-ops; "
+          "P2P alone = time in P2P calls with no-op kernels;\nP2P exposed = time in P2P calls (posting + blocked "
+          "in wait) during the real ring; both on the rank that waits least; hidden = 1 - exposed / alone\n")
+    print("| batch | W | single (ms) | ring (ms) | speedup | fraction of ideal | compute only (ms) "
+          "| P2P alone (ms) | P2P exposed (ms) | P2P hidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if any(int(w) > cores for w in a.worlds.split(",")):
+        print(f"\nnote: W > {cores} cores oversubscribes this machine (W processes share {cores} cores), so its "
+              f"speedup is capped near {cores}x and its fraction of ideal near {cores}/W; gloo's own threads compete too.")
 
 # -----------------------------------------------------------------------------
 # profile
 
 
+def _profile_lengths_plan(max_len):
+    """(length, k) design points: k sequences of distinct lengths near `length`, packed in one
+    micro-batch. Distinct lengths keep varlen_attention on its per-sequence path (train.py's case),
+    and varying k separates the per-sequence constant b from the per-micro-batch constant c_mb."""
+    pts, s = [], 32
+    while s <= max_len:
+        for k in (1, 4, 8):
+            if k == 1 or s * k <= max(4096, max_len // 2):
+                pts.append((s, k))
+        s *= 2
+    return pts
+
+
+def _profile_compute_worker(rank, world, opts, out_file, barrier=None):
+    """Times forward+backward of micro-batches on this device; every one of the `world` processes runs
+    the same sweep at the same time (on CPU, 2 processes share the 2 cores as in the e2e runs)."""
+    import itertools
+    import json
+    import time
+    import torch
+    from model import PRESETS, Transformer
+    torch.set_num_threads(opts["threads"])
+    torch.manual_seed(0)
+    dev = torch.device(opts["device"])
+    cfg = PRESETS[opts["model"]]
+    model = Transformer(cfg).to(dev)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if opts["dtype"] == "bfloat16" else torch.autocast("cpu", enabled=False)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def fwd_bwd(lens):
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
+        x = torch.randint(0, cfg.vocab_size, (1, sum(lens)), device=dev)
+        with autocast:
+            _, loss = model(x, x, cu_seqlens=cu, reduction="sum")  # every token a target
+        loss.backward()
+
+    def timed(fn, repeats):  # min over repeats: the least disturbed run (the machine may be shared)
+        fn()  # warm-up
+        sync()
+        ts = []
+        for _ in range(repeats):
+            if barrier is not None:  # all processes time the same shape at the same moment
+                barrier.wait()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    res = {"points": [], "mem": []}
+    for s, k in opts["points"]:
+        lens = [s + 2 * i for i in range(k)]
+        reps = opts["repeats"] if s * k <= 2048 else max(2, opts["repeats"] // 2)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t = timed(lambda: fwd_bwd(lens), reps)
+        model.zero_grad(set_to_none=False)
+        res["points"].append({"lengths": lens, "seconds": t})
+        if dev.type == "cuda" and k == 1:
+            res["mem"].append({"tokens": sum(lens), "bytes": torch.cuda.max_memory_allocated() - base})
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=False)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    res["t_optim"] = timed(step, opts["repeats"])
+    res["n_params"] = model.num_params()
+    if dev.type == "cuda":
+        res["mem_static"] = torch.cuda.memory_allocated()  # weights + grads + AdamW states
+        res["device_memory"] = torch.cuda.get_device_properties(dev).total_memory
+    with open(f"{out_file}.{rank}", "w") as f:
+        json.dump(res, f)
+
+
+def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opts=None):
+    """Ping-pong between 2 processes: one-way time = round trip / 2, for each message size. Then, with
+    cp_opts, time the model with every sequence distributed over the 2 processes (ring attention)."""
+    import json
+    import time
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    sync = (lambda: torch.cuda.synchronize(dev)) if backend == "nccl" else (lambda: None)
+    out = []
+    for n in sizes:
+        buf = torch.zeros(n // 4, dtype=torch.float32, device=dev)
+        reps = max(3, min(50, (64 << 20) // n // 2))
+        for it in range(reps + 2):  # 2 warm-up round trips
+            if it == 2:
+                sync()
+                dist.barrier()
+                t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+        sync()
+        out.append({"bytes": n, "seconds": (time.perf_counter() - t0) / reps / 2})
+    # the same 2 processes as a CP group: model forward+backward with every sequence distributed (ring),
+    # to measure the fixed cost per sequence per ring step (b_ring), which the ring pays cp times
+    cp_out = []
+    if cp_opts is not None:
+        import itertools
+        from functools import partial
+        from context_parallel import dacp_attention, zigzag_shard
+        from model import PRESETS, Transformer
+        torch.manual_seed(0)
+        cfg = PRESETS[cp_opts["model"]]
+        model = Transformer(cfg).to(dev)
+        for s, k in cp_opts["points"]:
+            lens = [s + 2 * world * i for i in range(k)]  # multiples of 2*world, distinct
+            cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
+            g = torch.Generator().manual_seed(s * 31 + k)
+            x = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=g).to(dev)
+            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+            xs, ps = zigzag_shard(x, cu, rank, world)[None], zigzag_shard(pos, cu, rank, world)[None]
+            attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=torch.zeros(1, dtype=torch.int32, device=dev))
+            ts = []
+            for it in range(cp_opts["repeats"] + 1):  # first run: warm-up
+                sync()
+                dist.barrier()
+                t0 = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=backend == "nccl"):
+                    _, loss = model(xs, xs, position_ids=ps, attn_fn=attn, reduction="sum")
+                loss.backward()
+                sync()
+                ts.append(time.perf_counter() - t0)
+            t = torch.tensor(min(ts[1:]))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the ring makes the slowest rank everyone's time
+            cp_out.append({"lengths": lens, "seconds": float(t)})
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump({"p2p": out, "cp": cp_out}, f)
+    dist.destroy_process_group()
+
+
 def bench_profile(argv):
-    raise NotImplementedError("bench.py profile")
+    """Measure the cost model's constants (scheduler.CostModel) on this device and write them as JSON:
+    a, a_attn, b, c_mb from micro-batches without CP (t = a*F_lin + a_attn*F_attn + b*n_seqs + c_mb);
+    a_ring, b_ring and the ring's hop latency from the same model run as a CP=2 group with every sequence
+    distributed (CPU, or 2 GPUs); all fitted together by non-negative least squares on relative error;
+    t_optim; P2P bandwidth (2-process ping-pong, 1 KB .. 64 MB); memory per token and bucket_size
+    (measured on CUDA; estimated from the config on CPU, where nothing reports peak tensor memory).
+    Timings are the min over --repeats runs; on a shared machine expect +-15% between profiles.
+        python bench.py profile [--out profile_cpu.json] [--model tiny] [--max_len 8192]
+    then: python train.py config/long_sft_cpu.py --profile=profile_cpu.json"""
+    import argparse
+    import json
+    import os
+    import tempfile
+    import numpy as np
+    import torch
+    import torch.multiprocessing as mp
+    from scipy.optimize import nnls
+    from model import PRESETS
+    from scheduler import CostModel, MicroBatch, activation_bytes_per_token, padded_len
+
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(prog="python bench.py profile")
+    ap.add_argument("--out", default=f"profile_{'cuda' if cuda else 'cpu'}.json")
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--model", default="qwen2.5-0.5b" if cuda else "tiny", choices=sorted(PRESETS))
+    ap.add_argument("--max_len", type=int, default=16384 if cuda else 8192, help="longest sequence timed")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--procs", type=int, default=1 if cuda else 2,
+                    help="processes timing at once (CPU: 2, as in the 2-process e2e runs on 2 cores)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (e2e runs use 1)")
+    ap.add_argument("--mem_gb", type=float, default=None,
+                    help="CPU: memory one rank may use (default: physical RAM / procs)")
+    ap.add_argument("--max_p2p_mb", type=int, default=64)
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    cfg = PRESETS[args.model]
+
+    # 1. compute: forward+backward of packed micro-batches, all processes at once
+    points = _profile_lengths_plan(args.max_len)
+    opts = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
+                repeats=args.repeats, points=points)
+    print(f"profiling {args.model} on {args.device} ({dtype}), {args.procs} process(es) x {args.threads} thread(s), "
+          f"{len(points)} micro-batch shapes up to {args.max_len} tokens ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "compute")
+        if args.procs == 1:
+            _profile_compute_worker(0, 1, opts, out_file)
+        else:
+            barrier = mp.get_context("spawn").Barrier(args.procs)
+            mp.spawn(_profile_compute_worker, args=(args.procs, opts, out_file, barrier), nprocs=args.procs)
+        runs = [json.load(open(f"{out_file}.{r}")) for r in range(args.procs)]
+    res = runs[0]
+    secs = np.mean([[p["seconds"] for p in r["points"]] for r in runs], axis=0)
+    lens = [p["lengths"] for p in res["points"]]
+    t_optim = float(np.mean([r["t_optim"] for r in runs]))
+
+    # 2. memory per token and BucketSize C = (device memory - static - beta) / alpha
+    if dev.type == "cuda":
+        toks = np.array([m["tokens"] for m in res["mem"]], dtype=float)
+        byts = np.array([m["bytes"] for m in res["mem"]], dtype=float)
+        alpha, beta = np.polyfit(toks, byts, 1)
+        static, device_memory = float(res["mem_static"]), float(res["device_memory"])
+        mem_note = "measured: torch.cuda.max_memory_allocated, linear fit over the k=1 points"
+        usable = 0.9 * device_memory  # leave 10% for the allocator's fragmentation and NCCL buffers
+    else:
+        alpha, beta = float(activation_bytes_per_token(cfg, 4)), 0.0
+        static = 16.0 * res["n_params"]  # fp32 weights, grads, AdamW m and v
+        device_memory = (args.mem_gb * 1e9 if args.mem_gb else
+                         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / args.procs)
+        usable = device_memory
+        mem_note = "estimated from the config (scheduler.activation_bytes_per_token, fp32); CPU has no peak counter"
+    bucket = int((usable - static - beta) / alpha)
+
+    # 3. P2P latency and bandwidth (2 processes; gloo on CPU, nccl when 2 GPUs are visible), then the
+    # same 2 processes as a CP group timing micro-batches whose sequences are all distributed
+    backend = "nccl" if dev.type == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+    sizes = [1 << e for e in range(10, 21 + (args.max_p2p_mb.bit_length() - 1), 2)]
+    cp_opts = None
+    if dev.type == "cpu" or backend == "nccl":  # one GPU: no CP group to time; b_ring = b
+        cp_pts = [(s, k) for s, k in points if k in (1, 4) and s >= 64 and s * k <= max(4096, args.max_len // 2)]
+        cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "p2p.json")
+        mp.spawn(_profile_p2p_worker, args=(2, os.path.join(tmp, "init"), backend, sizes, out_file, cp_opts), nprocs=2)
+        got = json.load(open(out_file))
+    p2p, cp_meas = got["p2p"], got["cp"]
+    pb = np.array([p["bytes"] for p in p2p], dtype=float)
+    ps = np.array([p["seconds"] for p in p2p])
+    (lat, inv_bw), _ = nnls(np.stack([np.ones_like(pb), pb], 1) / ps[:, None], np.ones_like(ps))
+    bw = float(1 / inv_bw) if inv_bw > 0 else 1e12
+
+    # 4. one non-negative least-squares fit (relative error: short micro-batches count as much as long
+    # ones) of every constant to every timing:
+    #   no CP:  t = a F_lin + a_attn F_attn + b k + c_mb                              (k sequences)
+    #   CP=W:   t = (a F_lin + a_ring F_attn) / W + c_mb + n_layer (3W-2) lat_ring + k W b_ring + bytes/bw
+    # a_ring: the ring's attention blocks (rectangular, merged in fp32) run at their own speed; lat_ring
+    # (a ring hop while compute competes for the cores) replaces the idle ping-pong latency; b_ring is
+    # the fixed cost per distributed sequence per ring step (CostModel.t_dist, t_comm).
+    W, comm_bytes = 2, 2 if dtype == "bfloat16" else 4
+    cm = CostModel(cfg, dict(p2p_latency=0.0, p2p_bandwidth=bw, comm_bytes=comm_bytes))
+    rows, ys = [], []
+    for ls, t in zip(lens, secs):
+        rows.append([cm.lin_flops * sum(ls), cm.attn_flops * sum(s * s for s in ls), len(ls), 1.0, 0.0, 0.0, 0.0])
+        ys.append(t)
+    for m in cp_meas:
+        ls = [padded_len(s, W) for s in m["lengths"]]
+        rows.append([cm.lin_flops * sum(ls) / W, 0.0, 0.0, 1.0, cm.n_layer * (3 * W - 2), len(ls) * W,
+                     cm.attn_flops * sum(s * s for s in ls) / W])
+        ys.append(m["seconds"] - cm.t_comm(m["lengths"], W))  # the bandwidth part (latency is fitted)
+    X, ys = np.array(rows), np.array(ys)
+    if not cp_meas:
+        X = X[:, :4]
+    wt = 1.0 / np.array(list(secs) + [m["seconds"] for m in cp_meas])
+    coef, _ = nnls(X * wt[:, None], ys * wt)
+    a, a_attn, b, c_mb = (float(x) for x in coef[:4])
+    lat_ring, b_ring, a_ring = (float(coef[4]), float(coef[5]), float(coef[6])) if cp_meas else (float(lat), None, None)
+    fit = dict(a=a, a_attn=a_attn, a_ring=a_ring, b=b, b_ring=b_ring, c_mb=c_mb, p2p_latency=lat_ring,
+               p2p_bandwidth=bw, comm_bytes=comm_bytes)
+    cm = CostModel(cfg, fit)
+    print(f"\n{'tokens':>16s} {'seqs':>4s} {'measured ms':>12s} {'model ms':>9s} {'err':>6s}")
+    rel, cp_rel = [], []
+    for ls, t in zip(lens, secs):
+        pred = cm.c_mb + sum(cm.t_local(s) for s in ls)
+        rel.append(pred / t - 1)
+        print(f"{ls[0]:>7d}..{ls[-1]:<7d}{len(ls):>4d} {t * 1e3:12.2f} {pred * 1e3:9.2f} {rel[-1] * 100:5.1f}%")
+    for m in cp_meas:
+        pred = max(cm.rank_times(MicroBatch(list(range(len(m["lengths"]))), [[] for _ in range(W)]), m["lengths"]))
+        cp_rel.append(pred / m["seconds"] - 1)
+        print(f"{m['lengths'][0]:>7d}..{m['lengths'][-1]:<7d}{len(m['lengths']):>4d} {m['seconds'] * 1e3:12.2f} "
+              f"{pred * 1e3:9.2f} {cp_rel[-1] * 100:5.1f}%  CP={W}, all distributed")
+    rel, cp_rel = np.abs(rel), np.abs(cp_rel)
+    print(f"\n{'P2P bytes':>10s} {'one-way us':>11s} {'fit us':>8s}")
+    for n, t in zip(pb, ps):
+        print(f"{int(n):>10d} {t * 1e6:11.1f} {(lat + n * inv_bw) * 1e6:8.1f}")
+
+    prof = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "dtype": dtype, "procs": args.procs, "threads": args.threads, "torch": torch.__version__,
+        "model": {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                                               "intermediate_size", "tie_embeddings")},
+        **fit, "t_optim": t_optim, "grad_bytes": 4, "p2p_backend": backend, "p2p_pingpong_latency": float(lat),
+        "mem_per_token": float(alpha), "mem_beta": float(beta), "mem_static": static,
+        "device_memory": device_memory, "bucket_size": bucket, "mem_note": mem_note,
+        "fit": {"max_rel_err": float(rel.max()), "median_rel_err": float(np.median(rel)),
+                "cp_max_rel_err": float(cp_rel.max()) if len(cp_rel) else None},
+        "measurements": {"compute": [{"lengths": ls, "seconds": float(t)} for ls, t in zip(lens, secs)],
+                         "p2p": p2p, "cp": cp_meas, "memory": res["mem"]},
+    }
+    with open(args.out, "w") as f:
+        json.dump(prof, f, indent=1)
+    print(f"\na = {a:.3e} s/FLOP (linear, {1 / a / 1e9 if a else float('inf'):.1f} GFLOP/s)   "
+          f"a_attn = {a_attn:.3e} s/FLOP ({1 / a_attn / 1e9 if a_attn else float('inf'):.1f} GFLOP/s)")
+    print(f"b = {b * 1e3:.3f} ms/sequence   c_mb = {c_mb * 1e3:.3f} ms/micro-batch   t_optim = {t_optim * 1e3:.2f} ms   "
+          f"fit error median {np.median(rel) * 100:.1f}% max {rel.max() * 100:.1f}%")
+    print(f"ring: a_ring = {a_ring:.3e} s/FLOP ({1 / a_ring / 1e9 if a_ring else float('inf'):.1f} GFLOP/s), "
+          f"b_ring = {b_ring * 1e3:.3f} ms/distributed sequence/step, hop latency {lat_ring * 1e6:.0f} us, "
+          f"CP={W} error median {np.median(cp_rel) * 100:.1f}% max {cp_rel.max() * 100:.1f}%" if cp_meas else
+          "ring: not measured (one GPU): a_ring = a_attn, b_ring = b, hop latency = ping-pong latency")
+    print(f"P2P ({backend}): ping-pong latency {lat * 1e6:.1f} us, bandwidth {1 / inv_bw / 1e9 if inv_bw > 0 else float('inf'):.2f} GB/s")
+    print(f"memory: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of {device_memory / 2**30:.1f} GiB "
+          f"-> bucket_size {bucket} tokens ({mem_note})")
+    print(f"wrote {args.out}")
 
 # -----------------------------------------------------------------------------
 # e2e

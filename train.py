@@ -331,7 +331,7 @@ for it in range(start_iter, max_iters):
         tokens = sum(lengths)
         rec = {"iter": it, "loss": round(loss_val, 6), "tokens": tokens, "dt_ms": round(dt * 1e3, 2),
                "tok_per_s": round(tokens / dt, 1), "n_microbatches": max(len(m) for m in plan),
-               "peak_tokens_per_rank": peak, "lr": lr}
+               "peak_tokens_per_rank": peak, "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
         if device_type == "cuda":
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
         with open(metrics_path, "a") as f:
