@@ -1,0 +1,331 @@
+"""
+Context parallelism: variable-length zigzag ring attention, and the DACP entry point of Skrull.
+
+A CP group of W ranks shares the distributed sequences of a micro-batch. Each such sequence is cut
+into 2W equal chunks and rank r holds chunks r and 2W-1-r ("zigzag"): an early chunk with little
+causal work and a late one with a lot, so every rank does the same attention work. K and V travel
+around the ring (rank r sends to r+1); after W steps every rank has seen every rank's K, V.
+
+Why zigzag needs no masks (chunk c of a sequence may attend chunk c' iff c' <= c; rank r holds
+chunks r < W <= 2W-1-r). In the step where this rank holds the K, V of rank s:
+    s == r : q chunks (r, 2W-1-r) vs k chunks (r, 2W-1-r): plain causal on the two concatenated
+             chunks (the block is square, so top-left and bottom-right causal agree).
+    s <  r : every q chunk sees k chunk s fully and never k chunk 2W-1-s  -> all q vs kv's first
+             half, no mask.
+    s >  r : q chunk r sees neither kv chunk; q chunk 2W-1-r sees both    -> q's second half vs all
+             kv, no mask.
+So only the global cu_seqlens (the same on every rank) and the step index are needed: the K/V hop
+carries no mask metadata, and no block ever has a fully masked row (the CPU kernel would report
+lse = 0 for one instead of -inf, DESIGN.md section 6).
+
+Skrull's DACP (paper section 4.1): a micro-batch has distributed sequences (ring, above) and local
+ones kept whole on one rank. `dacp_attention` computes the local ones while the ring's P2P is in
+flight, one slice per ring step, so rank time ~ max(T_comm, T_local) + T_dist / W.
+
+Numerics: block outputs are merged in fp32 by log-sum-exp; dq and the circulating dK/dV
+accumulators stay fp32 until the very end (ring-flash-attention rounds them to bf16 per step,
+which makes the backward error grow with W).
+"""
+import contextlib
+import math
+from collections import namedtuple
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# sharding helpers
+
+
+def _lengths(cu_seqlens):
+    cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    return [int(b) - int(a) for a, b in zip(cu[:-1], cu[1:])]
+
+
+def _zigzag_index(cu_seqlens, rank, world_size, device=None):
+    """Global row indices (dim 0 of the packed tensor) owned by `rank`: chunks r and 2W-1-r."""
+    cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    n2 = 2 * world_size
+    parts = []
+    for a, length in zip(cu[:-1], _lengths(cu)):
+        if length % n2:
+            raise ValueError(f"sequence at offset {a} has length {length}, not a multiple of 2*W={n2}")
+        c = length // n2
+        for chunk in (rank, n2 - 1 - rank):
+            parts.append(torch.arange(a + chunk * c, a + (chunk + 1) * c, device=device))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def zigzag_shard(x, cu_seqlens, rank, world_size):
+    """This rank's rows of a packed tensor x (dim 0 = tokens); every sequence length % (2W) == 0."""
+    return x.index_select(0, _zigzag_index(cu_seqlens, rank, world_size, x.device))
+
+
+def zigzag_unshard(shards, cu_seqlens, world_size):
+    """Inverse of zigzag_shard: shards[r] is rank r's tensor; returns the packed tensor."""
+    out = shards[0].new_empty((sum(s.shape[0] for s in shards),) + tuple(shards[0].shape[1:]))
+    for r, s in enumerate(shards):
+        out[_zigzag_index(cu_seqlens, r, world_size, s.device)] = s
+    return out
+
+
+def pad_to_multiple(input_ids, labels, position_ids, lengths, multiple):
+    """Pad every sequence of a 1-D packed batch at its end to a multiple of `multiple` (2W for the
+    ring): token id 0, label -100 (never trained on), positions continuing past the last token."""
+    ids, labs, pos, new_lengths, start = [], [], [], [], 0
+    for length in (int(n) for n in lengths):
+        pad = -length % multiple
+        end = start + length
+        ids += [input_ids[start:end], input_ids.new_zeros(pad)]
+        labs += [labels[start:end], labels.new_full((pad,), -100)]
+        last = position_ids[end - 1] if length else position_ids.new_tensor(-1)
+        pos += [position_ids[start:end], last + 1 + torch.arange(pad, dtype=position_ids.dtype, device=position_ids.device)]
+        new_lengths.append(length + pad)
+        start = end
+    if torch.is_tensor(lengths):
+        new_lengths = torch.tensor(new_lengths, dtype=lengths.dtype, device=lengths.device)
+    return torch.cat(ids), torch.cat(labs), torch.cat(pos), new_lengths
+
+# -----------------------------------------------------------------------------
+# per-block attention kernel: the one seam. q (Tq, H, D), k/v (Tk, H_kv, D), varlen offsets
+# cu_q/cu_k (same number of sequences). Returns out (Tq, H, D) and lse (H, Tq) fp32; the backward
+# takes the MERGED out and lse, so each block's gradient is its exact share of the full gradient.
+
+Cu = namedtuple("Cu", "list tensor max")  # offsets as python ints (CPU loop) and int32 (flash)
+
+
+def _cu(offsets, device):
+    offsets = [int(x) for x in offsets]
+    lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    return Cu(offsets, torch.tensor(offsets, dtype=torch.int32, device=device), max(lens, default=0))
+
+
+def _attn_fwd(q, k, v, cu_q, cu_k, causal, scale):
+    if q.is_cuda:  # flash-attn 2 varlen kernels as shipped inside PyTorch: no third-party private API
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError("ring attention on CUDA uses flash kernels: pass bf16 or fp16 q/k/v")
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q.tensor, cu_k.tensor, cu_q.max, cu_k.max, 0.0, causal, False, scale=scale)[:2]
+        return out, lse  # lse (H, Tq) float32
+    # CPU: torch's flash op per sequence, (B, H, S, D) layout, no GQA support -> expand kv heads.
+    # bf16/fp16 blocks run in fp32 here: exact block results, only the final output is rounded
+    # (the bf16 CPU kernel rounds each head's dk/dv before the GQA sum: ~2x the error).
+    g, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    out, lse = torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]))
+    for a, b, c, d in zip(cu_q.list[:-1], cu_q.list[1:], cu_k.list[:-1], cu_k.list[1:]):
+        if b > a:
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _bhsd(q[a:b]), _bhsd(k[c:d], g), _bhsd(v[c:d], g), 0.0, causal, scale=scale)
+            out[a:b], lse[:, a:b] = o[0].transpose(0, 1), l[0]
+    return out, lse
+
+
+def _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
+    """-> dq, dk, dv of this block (dk, dv already summed over the query heads of each kv head)."""
+    if q.is_cuda:
+        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # philox state, unused: no dropout
+        return torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse.contiguous(), cu_q.tensor, cu_k.tensor, cu_q.max, cu_k.max,
+            0.0, causal, rng, rng, scale=scale)
+    g, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
+    dout, q, k, v, out = (x.to(acc) for x in (dout, q, k, v, out))
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for a, b, c, d in zip(cu_q.list[:-1], cu_q.list[1:], cu_k.list[:-1], cu_k.list[1:]):
+        if b > a:
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _bhsd(dout[a:b]), _bhsd(q[a:b]), _bhsd(k[c:d], g), _bhsd(v[c:d], g),
+                _bhsd(out[a:b]), lse[None, :, a:b].contiguous(), 0.0, causal, scale=scale)
+            dq[a:b] = gq[0].transpose(0, 1)
+            dk[c:d] = gk[0].transpose(0, 1).unflatten(1, (k.shape[1], g)).sum(2)
+            dv[c:d] = gv[0].transpose(0, 1).unflatten(1, (k.shape[1], g)).sum(2)
+    return dq, dk, dv
+
+
+def _bhsd(x, groups=1):  # (S, H, D) -> (1, H * groups, S, D), kv head j serving q heads j*g..j*g+g-1
+    return x.repeat_interleave(groups, dim=1).transpose(0, 1)[None] if groups > 1 else x.transpose(0, 1)[None]
+
+
+def _merge(out, lse, block_out, block_lse, rows=None):
+    """Fold a block's (out, lse) into the fp32 accumulators, in place (only `rows` if given)."""
+    o, l = (out, lse) if rows is None else (out[rows], lse[:, rows])
+    new = torch.logaddexp(l, block_lse)
+    safe = new.masked_fill(new == -math.inf, 0.0)  # both sides empty: keep out 0, lse -inf (no NaN)
+    o = o * torch.exp(l - safe).T[..., None] + block_out.to(o.dtype) * torch.exp(block_lse - safe).T[..., None]
+    if rows is None:
+        out.copy_(o)
+        lse.copy_(new)
+    else:
+        out[rows], lse[:, rows] = o, new
+
+# -----------------------------------------------------------------------------
+# the ring: send to rank+1, receive from rank-1, one flat buffer per hop
+
+
+_P2P_STREAMS = {}  # one side stream per device, shared by all layers
+
+
+class _Ring:
+    def __init__(self, group, device):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)  # P2P takes global ranks
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+        self.stream = None  # CPU (gloo): no streams, P2P is already asynchronous
+        if device.type == "cuda":
+            if device not in _P2P_STREAMS:
+                _P2P_STREAMS[device] = torch.cuda.Stream(device)
+            self.stream = _P2P_STREAMS[device]
+
+    def post(self, buf, tag):
+        """Start sending buf to next and receiving the same shape from prev; returns wait() -> recv."""
+        recv, stream = torch.empty_like(buf), self.stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # buf is fully written before it leaves
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self.next, self.group, tag),
+                                           dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
+        if stream is not None:  # the caching allocator must not reuse them while the side stream runs
+            buf.record_stream(stream)
+            recv.record_stream(stream)
+
+        def wait():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for req in reqs:
+                    req.wait()
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)  # an event: compute waits for recv
+            return recv
+        return wait
+
+
+class _Plan:
+    """Everything about one call that depends only on the offsets (identical on all CP ranks)."""
+
+    def __init__(self, q, k, cu_dist, cu_local, group):
+        dev = q.device
+        lens = _lengths(cu_dist) if cu_dist is not None else []
+        self.ring = None
+        if lens and (group is not None or dist.is_initialized()):
+            self.ring = _Ring(group, dev)
+        self.rank, self.world = (self.ring.rank, self.ring.world) if self.ring else (0, 1)
+        W, n2 = self.world, 2 * self.world
+        if W > 1 and any(n % n2 for n in lens):  # W == 1: one causal block per whole sequence
+            raise ValueError(f"distributed lengths {lens} must be multiples of 2*W={n2}; see pad_to_multiple")
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"{q.shape[1]} query heads not divisible by {k.shape[1]} kv heads")
+        full = [0] + [sum(lens[:i + 1]) // W for i in range(len(lens))]  # this rank's offsets (2 chunks/seq)
+        half = [0] + [sum(lens[:i + 1]) // n2 for i in range(len(lens))]  # one chunk per seq
+        self.n_dist, self.full, self.half = full[-1], _cu(full, dev), _cu(half, dev)
+        first = [torch.arange(full[i], full[i] + half[i + 1] - half[i]) for i in range(len(lens))]
+        second = [torch.arange(full[i] + half[i + 1] - half[i], full[i + 1]) for i in range(len(lens))]
+        self.first = torch.cat(first).to(dev) if first else None
+        self.second = torch.cat(second).to(dev) if second else None
+        self.steps = W if lens else 1
+        # local sequences: split into one group per ring step, of ~equal attention cost (sum L^2)
+        loc = _lengths(cu_local) if cu_local is not None and len(cu_local) > 1 else []
+        if self.n_dist + sum(loc) != q.shape[0]:
+            raise ValueError(f"q has {q.shape[0]} rows, expected {self.n_dist} distributed + {sum(loc)} local")
+        slots, total, done, start = self.steps, sum(n * n for n in loc), 0, self.n_dist
+        groups = [[] for _ in range(self.steps)]
+        for n in loc:
+            groups[min(slots - 1, done * slots // total) if total else 0].append((start, start + n))
+            done, start = done + n * n, start + n
+        self.local = [(g[0][0], g[-1][1], _cu([0] + [b - g[0][0] for _, b in g], dev)) if g else None
+                      for g in groups]
+
+    def block(self, src):
+        """(q rows, kv rows, cu_q, cu_k, causal) for the step holding rank src's K, V (module doc)."""
+        if src == self.rank:
+            return None, None, self.full, self.full, True
+        if src < self.rank:
+            return None, self.first, self.full, self.half, False
+        return self.second, None, self.half, self.full, False
+
+
+def _rows(x, idx):
+    return x if idx is None else x.index_select(0, idx)
+
+
+def _add_rows(dst, idx, src):
+    if idx is None:
+        dst.add_(src)
+    else:
+        dst.index_add_(0, idx, src.to(dst.dtype))
+
+# -----------------------------------------------------------------------------
+# forward and backward
+
+
+class _DACPAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_dist, cu_local, group):
+        p = _Plan(q, k, cu_dist, cu_local, group)
+        scale, acc, nd = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32), p.n_dist
+        out = torch.empty_like(q)
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=acc)
+        o_acc = q.new_zeros((nd,) + q.shape[1:], dtype=acc)
+        l_acc = q.new_full((q.shape[1], nd), -math.inf, dtype=acc)
+        kv = torch.stack([k[:nd], v[:nd]])  # one contiguous buffer per hop
+        for step in range(p.steps):
+            wait = p.ring.post(kv, tag=0) if step + 1 < p.steps else None  # next hop before compute
+            if p.local[step]:  # overlaps the hop in flight
+                a, b, cu = p.local[step]
+                out[a:b], lse[:, a:b] = _attn_fwd(q[a:b], k[a:b], v[a:b], cu, cu, True, scale)
+            if nd:
+                qi, ki, cu_q, cu_k, causal = p.block((p.rank - step) % p.world)
+                bo, bl = _attn_fwd(_rows(q[:nd], qi), _rows(kv[0], ki), _rows(kv[1], ki), cu_q, cu_k, causal, scale)
+                _merge(o_acc, l_acc, bo, bl, qi)
+            if wait:
+                kv = wait()
+        out[:nd], lse[:, :nd] = o_acc, l_acc
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        p, scale, nd = ctx.plan, ctx.scale, ctx.plan.n_dist
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq_acc = q.new_zeros((nd,) + q.shape[1:], dtype=acc)
+        kv = torch.stack([k[:nd], v[:nd]])  # restart from this rank's own K, V
+        dkv_wait = None
+        for step in range(p.steps):
+            wait = p.ring.post(kv, tag=0) if step + 1 < p.steps else None
+            if nd:
+                qi, ki, cu_q, cu_k, causal = p.block((p.rank - step) % p.world)
+                gq, gk, gv = _attn_bwd(_rows(dout[:nd], qi), _rows(q[:nd], qi), _rows(kv[0], ki), _rows(kv[1], ki),
+                                       _rows(out[:nd], qi), _rows(lse[:, :nd].T, qi).T, cu_q, cu_k, causal, scale)
+                _add_rows(dq_acc, qi, gq)
+                # dK/dV of the K, V held now travel with them: by the end they are back at their owner
+                dkv = dkv_wait() if dkv_wait else kv.new_zeros(kv.shape, dtype=acc)
+                _add_rows(dkv[0], ki, gk)
+                _add_rows(dkv[1], ki, gv)
+                dkv_wait = p.ring.post(dkv, tag=1) if p.ring else (lambda dkv=dkv: dkv)
+            if p.local[step]:  # overlaps the K/V hop and the dK/dV hop in flight (also the last one)
+                a, b, cu = p.local[step]
+                gq, gk, gv = _attn_bwd(dout[a:b], q[a:b], k[a:b], v[a:b], out[a:b], lse[:, a:b], cu, cu, True, scale)
+                dq[a:b], dk[a:b], dv[a:b] = gq, gk, gv
+            if wait:
+                kv = wait()
+        if nd:
+            dkv = dkv_wait()
+            dq[:nd], dk[:nd], dv[:nd] = dq_acc, dkv[0], dkv[1]
+        return dq, dk, dv, None, None, None
+
+
+def ring_attention(q, k, v, cu_seqlens, group=None):
+    """Causal zigzag ring attention. q (T_local, H, D), k/v (T_local, H_kv, D): this rank's
+    zigzag_shard of packed sequences with GLOBAL int32 offsets cu_seqlens. -> out (T_local, H, D)."""
+    return _DACPAttention.apply(q, k, v, cu_seqlens, None, group)
+
+
+def dacp_attention(q, k, v, cu_seqlens_dist, cu_seqlens_local, group=None):
+    """Skrull DACP attention for one micro-batch. Rows [0, cu_seqlens_dist[-1] // W) are this rank's
+    zigzag shards of the distributed sequences (GLOBAL offsets, same on every CP rank); the rest are
+    this rank's whole local sequences (offsets from 0). Local attention runs while the ring's P2P is
+    in flight. Either part may be empty; with no distributed sequence there is no communication."""
+    return _DACPAttention.apply(q, k, v, cu_seqlens_dist, cu_seqlens_local, group)
