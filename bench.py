@@ -150,9 +150,9 @@ def _profile_lengths_plan(max_len):
     and varying k separates the per-sequence constant b from the per-micro-batch constant c_mb."""
     pts, s = [], 32
     while s <= max_len:
-        for k in (1, 4, 8):
-            if k == 1 or s * k <= max(4096, max_len // 2):
-                pts.append((s, k))
+        for k in (1, 4, 8, 16):
+            if k == 1 or s * k <= max(4096, max_len // 2) and (k < 16 or s <= 64):
+                pts.append((s, k))  # k=16 only for tiny sequences: a long-tail batch's many short ones
         s *= 2
     return pts
 
@@ -261,14 +261,8 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
         torch.manual_seed(0)
         cfg = PRESETS[cp_opts["model"]]
         model = Transformer(cfg).to(dev)
-        for s, k in cp_opts["points"]:
-            lens = [s + 2 * world * i for i in range(k)]  # multiples of 2*world, distinct
-            cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
-            g = torch.Generator().manual_seed(s * 31 + k)
-            x = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=g).to(dev)
-            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
-            xs, ps = zigzag_shard(x, cu, rank, world)[None], zigzag_shard(pos, cu, rank, world)[None]
-            attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=torch.zeros(1, dtype=torch.int32, device=dev))
+
+        def timed(xs, ps, attn):  # min over repeats of forward+backward, the slowest rank's (the ring syncs them)
             ts = []
             for it in range(cp_opts["repeats"] + 1):  # first run: warm-up
                 sync()
@@ -280,8 +274,31 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
                 sync()
                 ts.append(time.perf_counter() - t0)
             t = torch.tensor(min(ts[1:]))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the ring makes the slowest rank everyone's time
-            cp_out.append({"lengths": lens, "seconds": float(t)})
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return float(t)
+
+        for s, k in cp_opts["points"]:
+            lens = [s + 2 * world * i for i in range(k)]  # multiples of 2*world, distinct
+            cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
+            g = torch.Generator().manual_seed(s * 31 + k)
+            x = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=g).to(dev)
+            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+            xs, ps = zigzag_shard(x, cu, rank, world)[None], zigzag_shard(pos, cu, rank, world)[None]
+            attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=torch.zeros(1, dtype=torch.int32, device=dev))
+            cp_out.append({"lengths": lens, "seconds": timed(xs, ps, attn)})
+        # DACP micro-batches: one distributed sequence plus k local ones on every rank, to measure how
+        # much of the ring's communication the local compute hides (CostModel.comm_overlap)
+        for s, k, sl in cp_opts.get("dacp_points", []):
+            loc = [sl + 2 * i for i in range(k)]
+            cu = torch.tensor([0, s], dtype=torch.int32, device=dev)
+            cu_loc = torch.tensor([0] + list(itertools.accumulate(loc)), dtype=torch.int32, device=dev)
+            g = torch.Generator().manual_seed(s * 17 + k)
+            x = torch.randint(0, cfg.vocab_size, (s + sum(loc),), generator=g).to(dev)
+            pos = torch.cat([torch.arange(s)] + [torch.arange(n) for n in loc]).to(dev)
+            xs = torch.cat([zigzag_shard(x[:s], cu, rank, world), x[s:]])[None]
+            ps = torch.cat([zigzag_shard(pos[:s], cu, rank, world), pos[s:]])[None]
+            attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=cu_loc)
+            cp_out.append({"lengths": [s], "local": loc, "seconds": timed(xs, ps, attn)})
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump({"p2p": out, "cp": cp_out}, f)
@@ -369,13 +386,15 @@ def bench_profile(argv):
     sizes = [1 << e for e in range(10, 21 + (args.max_p2p_mb.bit_length() - 1), 2)]
     cp_opts = None
     if dev.type == "cpu" or backend == "nccl":  # one GPU: no CP group to time; b_ring = b
-        cp_pts = [(s, k) for s, k in points if k in (1, 4) and s >= 64 and s * k <= max(4096, args.max_len // 2)]
-        cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats)
+        cp_pts = [(s, k) for s, k in points if (k in (1, 4) and s >= 64 or k == 16) and s * k <= max(4096, args.max_len // 2)]
+        dacp_pts = [(s, k, sl) for s in (256, 1024, 2048) for k, sl in ((4, 64), (8, 128), (2, 512))]
+        cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats, dacp_points=dacp_pts)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "p2p.json")
         mp.spawn(_profile_p2p_worker, args=(2, os.path.join(tmp, "init"), backend, sizes, out_file, cp_opts), nprocs=2)
         got = json.load(open(out_file))
-    p2p, cp_meas = got["p2p"], got["cp"]
+    p2p, cp_meas = got["p2p"], [m for m in got["cp"] if "local" not in m]
+    dacp_meas = [m for m in got["cp"] if "local" in m]
     pb = np.array([p["bytes"] for p in p2p], dtype=float)
     ps = np.array([p["seconds"] for p in p2p])
     (lat, inv_bw), _ = nnls(np.stack([np.ones_like(pb), pb], 1) / ps[:, None], np.ones_like(ps))
@@ -420,6 +439,25 @@ def bench_profile(argv):
         cp_rel.append(pred / m["seconds"] - 1)
         print(f"{m['lengths'][0]:>7d}..{m['lengths'][-1]:<7d}{len(m['lengths']):>4d} {m['seconds'] * 1e3:12.2f} "
               f"{pred * 1e3:9.2f} {cp_rel[-1] * 100:5.1f}%  CP={W}, all distributed")
+    # comm_overlap: the share of T_comm hidden behind local compute, the one constant the DACP
+    # micro-batches add; a grid search on relative error with every other constant fixed
+    if dacp_meas:
+        def dacp_pred(m, o):
+            cm.comm_overlap = o
+            ls = m["lengths"] + m["local"] + m["local"]
+            k = len(m["local"])
+            mb = MicroBatch([0], [list(range(1, 1 + k)), list(range(1 + k, 1 + 2 * k))])
+            return max(cm.rank_times(mb, ls))
+        grid = np.linspace(0, 1, 21)
+        errs = [np.mean([abs(dacp_pred(m, o) / m["seconds"] - 1) for m in dacp_meas]) for o in grid]
+        fit["comm_overlap"] = float(grid[int(np.argmin(errs))])
+        for m in dacp_meas:
+            pred = dacp_pred(m, fit["comm_overlap"])
+            cp_rel.append(pred / m["seconds"] - 1)
+            print(f"{m['lengths'][0]:>7d} + {len(m['local'])} x {m['local'][0]:<5d} {m['seconds'] * 1e3:12.2f} {pred * 1e3:9.2f} "
+                  f"{cp_rel[-1] * 100:5.1f}%  CP={W}, DACP: 1 distributed + local on each rank")
+        print(f"comm_overlap = {fit['comm_overlap']:.2f} (share of ring communication hidden behind local compute; "
+              f"mean error {min(errs) * 100:.1f}% vs {errs[-1] * 100:.1f}% at 1.0 and {errs[0] * 100:.1f}% at 0.0)")
     rel, cp_rel = np.abs(rel), np.abs(cp_rel)
     print(f"\n{'P2P bytes':>10s} {'one-way us':>11s} {'fit us':>8s}")
     for n, t in zip(pb, ps):
@@ -457,8 +495,94 @@ def bench_profile(argv):
 # e2e
 
 
+def _train_run(out_dir, nproc, overrides):
+    """One `torchrun train.py config/long_sft_cpu.py` run; returns its metrics.jsonl records."""
+    import json
+    import os
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={out_dir}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "train.py"] + argv
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        with open(os.path.join(out_dir, "failed.log"), "w") as f:
+            f.write(r.stdout + "\n" + r.stderr)
+        raise SystemExit(f"{' '.join(cmd)} failed (full log: {out_dir}/failed.log):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
 def bench_e2e(argv):
-    raise NotImplementedError("bench.py e2e")
+    """End-to-end tokens/s of naive vs sorted vs skrull: train.py with 2 gloo processes (1 thread each)
+    in two layouts, dp=2 x cp=1 (GDS balances DP ranks) and dp=1 x cp=2 (DACP local vs distributed),
+    on a long-tail and a bimodal synthetic set (paper Table 1 shapes, scaled). The three policies run
+    alternately on the same global batches (same seed), with the same kernels and code path: only the
+    plan differs. Beside each measured speedup: the cost model's prediction for the same batches from
+    the profiled constants, and the bound for the best possible plan (scheduler.ideal_step_time).
+        python bench.py e2e [--profile profile_cpu.json] [--iters 12] [--reps 2]"""
+    import argparse
+    import os
+    import tempfile
+    import numpy as np
+    from data.prepare import global_batch, load_dataset
+    from data.synthetic import make_synthetic
+    from scheduler import CostModel, schedule
+
+    ap = argparse.ArgumentParser(prog="python bench.py e2e")
+    ap.add_argument("--profile", default="profile_cpu.json", help="made by `python bench.py profile` if missing")
+    ap.add_argument("--iters", type=int, default=12, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
+    ap.add_argument("--reps", type=int, default=2, help="runs per cell, alternating the policies")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per DP rank per step")
+    ap.add_argument("--seed", type=int, default=1337)
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.profile):
+        print(f"{args.profile} not found: profiling this machine first", flush=True)
+        bench_profile(["--out", args.profile])
+    cost = CostModel.from_profile(None, args.profile)
+    policies = ("naive", "sorted", "skrull")
+    # (name, Table 1 shape, max_len = bucket_size): the long-tail set at the CPU config's 8192 tokens,
+    # the bimodal one at 4096 (its mean sample is 10x longer, so steps are 10x dearer)
+    sets = (("long-tail", "wikipedia", 8192), ("bimodal", "chatqa2", 4096))
+    layouts = ((2, 1), (1, 2))
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="skrull_e2e_")  # kept: run logs for inspection
+    for label, shape, max_len in sets:
+        data = make_synthetic(os.path.join(tmp, shape), dist=shape, n=2000, max_len=max_len, seed=0, verbose=False)
+        ds = load_dataset(data)
+        for dp, cp in layouts:
+            n_global = dp * args.batch_size
+            steps = range(args.warmup, args.iters)
+            batches = [[int(ds.lengths[i]) for i in global_batch(len(ds), n_global, it, args.seed)] for it in steps]
+            pred = {p: sum(cost.predict_step_time(schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost,
+                                                           seed=args.seed + it), b) for it, b in zip(steps, batches))
+                    for p in policies}
+            bound = sum(cost.ideal_step_time(b, dp, cp, max_len) for b in batches)
+            secs, toks = dict.fromkeys(policies, 0.0), dict.fromkeys(policies, 0)
+            for rep in range(args.reps):
+                for p in (policies if rep % 2 == 0 else policies[::-1]):  # alternate the order too
+                    m = _train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
+                        dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
+                        max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile))
+                    secs[p] += sum(r["dt_ms"] for r in m[args.warmup:]) / 1e3
+                    toks[p] += sum(r["tokens"] for r in m[args.warmup:])
+                    print(f"  {label} dp={dp} cp={cp} {p:6s} rep {rep}: {toks[p] / secs[p]:,.0f} tok/s so far", flush=True)
+            tps = {p: toks[p] / secs[p] for p in policies}
+            rows.append((label, f"{dp}x{cp}", tps, {p: tps["skrull"] / tps[p] for p in ("naive", "sorted")},
+                         {p: pred[p] / pred["skrull"] for p in ("naive", "sorted")}, pred["naive"] / bound))
+    print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {args.iters - args.warmup} timed steps x {args.reps} runs "
+          f"per cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel with {args.profile}")
+    print("| data | dp x cp | naive tok/s | sorted tok/s | skrull tok/s | skrull/naive measured | predicted | "
+          "skrull/sorted measured | predicted | best possible plan / naive (predicted) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for label, layout, tps, meas, pred, best in rows:
+        print(f"| {label} | {layout} | {tps['naive']:,.0f} | {tps['sorted']:,.0f} | {tps['skrull']:,.0f} | "
+              f"{meas['naive']:.2f}x | {pred['naive']:.2f}x | {meas['sorted']:.2f}x | {pred['sorted']:.2f}x | {best:.2f}x |")
+        worst = max(worst, *(abs(pred[p] / meas[p] - 1) for p in ("naive", "sorted")))
+    print(f"largest gap between predicted and measured speedup: {worst * 100:.0f}%")
 
 # -----------------------------------------------------------------------------
 

@@ -139,6 +139,10 @@ class CostModel:
         self.b = p["kernel_overhead"] * p["attn_calls"] * L  # s per sequence (per attention call group)
         self.b_ring = None  # s per distributed sequence per ring step; None: same as b
         self.a_ring = None  # s per attention FLOP inside the ring; None: same as a_attn
+        # share of the ring's communication that local compute hides (DACP's overlap, paper eq. for a
+        # rank's time): 1 = max(T_comm, T_local) as the paper assumes on GPUs with a P2P side stream;
+        # 0 = T_comm + T_local. `bench.py profile` measures it (on 2 CPU cores gloo hides little).
+        self.comm_overlap = 1.0
         for k in ("c_mb", "t_optim", "p2p_latency", "p2p_bandwidth", "comm_bytes", "grad_bytes", "device_memory"):
             setattr(self, k, p[k])
         self.mem_per_token = activation_bytes_per_token(c, p["comm_bytes"])
@@ -150,7 +154,7 @@ class CostModel:
             if isinstance(profile, str):
                 with open(profile) as f:
                     profile = json.load(f)
-            for k in ("a", "a_attn", "a_ring", "b", "b_ring", "c_mb", "t_optim", "p2p_latency", "p2p_bandwidth", "comm_bytes",
+            for k in ("a", "a_attn", "a_ring", "b", "b_ring", "c_mb", "comm_overlap", "t_optim", "p2p_latency", "p2p_bandwidth", "comm_bytes",
                       "grad_bytes", "mem_per_token", "mem_static", "device_memory", "bucket_size"):
                 if profile.get(k) is not None:
                     setattr(self, k, profile[k])
@@ -210,7 +214,7 @@ class CostModel:
                 out.append(0.0)
                 continue
             t_l = sum(self.t_local(lengths[k]) for k in loc)
-            out.append(self.c_mb + max(comm, t_l) + t_d)
+            out.append(self.c_mb + t_l + comm - self.comm_overlap * min(comm, t_l) + t_d)
         return out
 
     def dp_rank_time(self, mbs, lengths, sync=False):

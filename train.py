@@ -17,6 +17,7 @@ count, so the gradient does not depend on the schedule (DESIGN.md "Equivalence")
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -45,7 +46,7 @@ synthetic_max_len = 4096  # longest synthetic sample, in tokens
 # Skrull
 cp = 1  # context-parallel degree; dp = world_size // cp
 schedule = "skrull"  # naive | sorted | dacp | skrull
-bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; None -> from `profile`
+bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; 0 -> from `profile`
 profile = None  # path to a profile JSON from `python bench.py profile` (cost constants, bucket_size)
 batch_size = 8  # sequences per DP rank per optimizer step
 # optimizer
@@ -107,7 +108,7 @@ def log(*args):
 # -----------------------------------------------------------------------------
 # data: a prepared directory, or the synthetic set generated once by rank 0
 
-from data.prepare import load_dataset
+from data.prepare import global_batch, load_dataset
 
 if dataset is None:
     from data.synthetic import default_dir, make_synthetic
@@ -121,15 +122,6 @@ ds = load_dataset(dataset)
 n_global = dp * batch_size  # sequences per optimizer step
 if len(ds) < n_global:
     raise SystemExit(f"dataset {dataset} has {len(ds)} sequences, fewer than one global batch ({n_global})")
-
-
-def global_batch_indices(it):
-    """Dataset indices of step `it`'s global batch: a seeded shuffle per epoch, a pure function of `it`
-    so every rank agrees and a resumed run continues the same order."""
-    steps_per_epoch = len(ds) // n_global
-    epoch, k = divmod(it, steps_per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(ds))
-    return perm[k * n_global:(k + 1) * n_global]
 
 
 def example(i):
@@ -212,13 +204,18 @@ named_params = dict(raw_model.named_parameters())
 
 if profile is not None:
     cost = CostModel.from_profile(model_config, profile)
-    if bucket_size is None:
-        bucket_size = json.load(open(profile))["bucket_size"]
+    if not bucket_size:
+        with open(profile) as f:
+            bucket_size = json.load(f)["bucket_size"]
 else:
     cost = CostModel(model_config)
-if bucket_size is None:
-    raise SystemExit("bucket_size is None and no profile JSON was given: set one of them")
+if not bucket_size or bucket_size < 0:
+    raise SystemExit(f"bucket_size={bucket_size}: give a positive bucket_size, or 0 together with a profile JSON")
 bucket_size = int(bucket_size)
+_longest = int(ds.lengths.max())  # fail now, not at the step that first draws it
+if (padded_len(_longest, cp) // cp if cp > 1 else _longest) > bucket_size:
+    raise SystemExit(f"dataset {dataset} has a {_longest}-token sample that cannot fit cp={cp} ranks of "
+                     f"bucket_size={bucket_size}: raise cp or bucket_size, or re-prepare with --max_len")
 
 
 def save_checkpoint(it):
@@ -294,7 +291,7 @@ for it in range(start_iter, max_iters):
     lr = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    idx = global_batch_indices(it)
+    idx = global_batch(len(ds), n_global, it, seed)  # the same on every rank
     lengths = [int(ds.lengths[i]) for i in idx]
     plan = make_plan(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=seed + it)
     # the loss is normalised by the global count of target tokens (every rank knows the global batch)
@@ -349,5 +346,10 @@ for it in range(start_iter, max_iters):
 
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
 if ddp:
-    dist.barrier()
     dist.destroy_process_group()
+    # Skip the interpreter's finalisation: with gloo we saw about one 2-process run in 15 die with SIGABRT
+    # there, after every step, metric and checkpoint was written (gloo worker threads still holding
+    # tensors while Python tears down, as discussed in pytorch PR 179291). Everything is flushed first.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

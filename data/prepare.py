@@ -415,6 +415,16 @@ class PreparedDataset:
         return f"PreparedDataset({self.path!r}, n_seqs={len(self)}, n_tokens={self.meta['n_tokens']})"
 
 
+def global_batch(n_seqs, n_global, it, seed):
+    """Dataset indices of optimizer step `it`'s global batch (n_global sequences): a seeded shuffle per
+    epoch, a pure function of `it`, so every rank draws the same batch without communicating and a
+    resumed run continues the same order. The tail of an epoch that doesn't fill a batch is dropped."""
+    steps_per_epoch = n_seqs // n_global
+    epoch, k = divmod(it, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_seqs)
+    return perm[k * n_global:(k + 1) * n_global]
+
+
 def load_dataset(path):
     return PreparedDataset(path)
 
