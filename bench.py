@@ -5,6 +5,7 @@ Benchmarks, one file, one subcommand each:
     python bench.py profile   # measure the cost model's constants on this device -> JSON
     python bench.py e2e       # end-to-end tokens/s of naive vs sorted vs skrull (train.py)
 """
+import statistics
 import sys
 
 # -----------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _profile_compute_worker(rank, world, opts, out_file, barrier=None):
             _, loss = model(x, x, cu_seqlens=cu, reduction="sum")  # every token a target
         loss.backward()
 
-    def timed(fn, repeats):  # min over repeats: the least disturbed run (the machine may be shared)
+    def timed(fn, repeats):  # median over repeats: a typical run, as training sees (the machine may be shared)
         fn()  # warm-up
         sync()
         ts = []
@@ -192,7 +193,7 @@ def _profile_compute_worker(rank, world, opts, out_file, barrier=None):
             fn()
             sync()
             ts.append(time.perf_counter() - t0)
-        return min(ts)
+        return statistics.median(ts)
 
     res = {"points": [], "mem": []}
     for s, k in opts["points"]:
@@ -273,7 +274,7 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
                 loss.backward()
                 sync()
                 ts.append(time.perf_counter() - t0)
-            t = torch.tensor(min(ts[1:]))
+            t = torch.tensor(statistics.median(ts[1:]))
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             return float(t)
 
