@@ -263,7 +263,7 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
         cfg = PRESETS[cp_opts["model"]]
         model = Transformer(cfg).to(dev)
 
-        def timed(xs, ps, attn):  # min over repeats of forward+backward, the slowest rank's (the ring syncs them)
+        def timed(xs, ps, attn):  # median over repeats of forward+backward, the slowest rank's (the ring syncs them)
             ts = []
             for it in range(cp_opts["repeats"] + 1):  # first run: warm-up
                 sync()
@@ -313,7 +313,7 @@ def bench_profile(argv):
     distributed (CPU, or 2 GPUs); all fitted together by non-negative least squares on relative error;
     t_optim; P2P bandwidth (2-process ping-pong, 1 KB .. 64 MB); memory per token and bucket_size
     (measured on CUDA; estimated from the config on CPU, where nothing reports peak tensor memory).
-    Timings are the min over --repeats runs; on a shared machine expect +-15% between profiles.
+    Timings are the median over --repeats runs (a typical step, as training sees); on a shared machine expect +-15% between profiles.
         python bench.py profile [--out profile_cpu.json] [--model tiny] [--max_len 8192]
     then: python train.py config/long_sft_cpu.py --profile=profile_cpu.json"""
     import argparse
