@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from model import PRESETS, ModelConfig, Transformer
-from scheduler import CostModel, schedule as make_plan, padded_len
+from scheduler import CostModel, padded_len, schedule as make_plan
 
 # -----------------------------------------------------------------------------
 # default config values; override with config/*.py then --key=value (configurator.py)
@@ -137,7 +137,7 @@ def example(i):
 def load_microbatch(mb, idx):
     """This rank's tokens for micro-batch `mb` (indices into the global batch `idx`): zigzag shards of the
     distributed sequences (padded to a multiple of 2*cp) followed by its whole local sequences."""
-    parts, attn_fn, cu_local = [], None, None
+    parts = []
     if mb.distributed:
         from context_parallel import dacp_attention, pad_to_multiple, zigzag_shard
         xs, ys, ps = zip(*(example(idx[j]) for j in mb.distributed))
@@ -155,16 +155,10 @@ def load_microbatch(mb, idx):
     if not parts:
         return None
     x, y, p = (torch.cat(t).to(device) for t in zip(*parts))
-    if mb.distributed:
+    if mb.distributed:  # the model calls this instead of its own attention: it never knows about CP
         attn_fn = partial(dacp_attention, cu_seqlens_dist=cu_dist.to(device), cu_seqlens_local=cu_local.to(device), group=cp_group)
         return x[None], y[None], p[None], None, attn_fn
     return x[None], y[None], p[None], cu_local.to(device), None
-
-
-def rank_tokens(mb, idx, j):
-    """Tokens CP rank j holds for micro-batch mb: padded share of the distributed ones + its local ones."""
-    dist_tokens = sum(padded_len(int(ds.lengths[idx[k]]), cp) for k in mb.distributed) // cp
-    return dist_tokens + sum(int(ds.lengths[idx[k]]) for k in mb.local[j])
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +290,7 @@ for it in range(start_iter, max_iters):
     plan = make_plan(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=seed + it)
     # the loss is normalised by the global count of target tokens (every rank knows the global batch)
     n_targets = sum(int(ds.get(int(i))[1][1:].sum()) for i in idx)
-    peak = max(rank_tokens(mb, idx, j) for mbs in plan for mb in mbs for j in range(cp))
+    peak = max(max(mb.rank_tokens(lengths)) for mbs in plan for mb in mbs)  # padded share + local tokens
     if peak > bucket_size:
         raise RuntimeError(f"plan puts {peak} tokens on one rank, over bucket_size={bucket_size}")
 
