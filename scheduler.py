@@ -592,6 +592,18 @@ def _milp_solve(c, rows, lo, hi, integrality, time_limit):
     return res
 
 
+def _milp_terms(lengths, N, cost):
+    """Per-sequence constants both MILPs share: local time, distributed time, padded share, and T_comm
+    written as affine in the distributed set (fixed latency when anything is distributed, plus bytes)."""
+    tl = [cost.t_local(s) for s in lengths]
+    td = [cost.t_dist(s, N) for s in lengths]
+    sh = [padded_len(s, N) // N for s in lengths]
+    comm_fixed = cost.n_layer * (3 * N - 2) * cost.p2p_latency if N > 1 else 0.0
+    per_byte = cost.n_layer * ((2 * N - 2) + N * 4 / cost.comm_bytes) / cost.p2p_bandwidth if N > 1 else 0.0
+    comm = [per_byte * cost.comm_bytes_per_hop(s, N) if N > 1 else 0.0 for s in lengths]
+    return tl, td, sh, comm_fixed, comm
+
+
 def milp_dacp(lengths, cp, bucket_size, cost=None, time_limit=20.0):
     """Best placement of ONE micro-batch (all of `lengths`) on cp ranks: minimise the slowest rank's
     time T = max_j c_mb + max(T_comm, local_j) + dist, under the bucket. Variables: x[i,j] sequence i
@@ -603,13 +615,7 @@ def milp_dacp(lengths, cp, bucket_size, cost=None, time_limit=20.0):
     D = lambda i: n * N + i     # noqa: E731
     Z, U, T = n * N + n, n * N + n + 1, n * N + n + 1 + N
     nv = T + 1
-    tl = [cost.t_local(s) for s in lengths]
-    td = [cost.t_dist(s, N) for s in lengths]
-    sh = [padded_len(s, N) // N for s in lengths]
-    # T_comm is affine in d: fixed latency when anything is distributed, plus bytes
-    comm_fixed = cost.n_layer * (3 * N - 2) * cost.p2p_latency if N > 1 else 0.0
-    per_byte = cost.n_layer * ((2 * N - 2) + N * 4 / cost.comm_bytes) / cost.p2p_bandwidth if N > 1 else 0.0
-    comm = [per_byte * cost.comm_bytes_per_hop(s, N) if N > 1 else 0.0 for s in lengths]
+    tl, td, sh, comm_fixed, comm = _milp_terms(lengths, N, cost)
     rows, lo, hi = [], [], []
 
     def add(row, a, b):
@@ -656,12 +662,7 @@ def milp_joint(lengths, dp, cp, bucket_size, cost=None, max_mb=None, time_limit=
     Tm = lambda r, m: nx + nd + 2 * nm + nm * N + r * M + m     # noqa: E731
     OBJ = nx + nd + 3 * nm + nm * N
     nv = OBJ + 1
-    tl = [cost.t_local(s) for s in lengths]
-    td = [cost.t_dist(s, N) for s in lengths]
-    sh = [padded_len(s, N) // N for s in lengths]
-    comm_fixed = cost.n_layer * (3 * N - 2) * cost.p2p_latency if N > 1 else 0.0
-    per_byte = cost.n_layer * ((2 * N - 2) + N * 4 / cost.comm_bytes) / cost.p2p_bandwidth if N > 1 else 0.0
-    comm = [per_byte * cost.comm_bytes_per_hop(s, N) if N > 1 else 0.0 for s in lengths]
+    tl, td, sh, comm_fixed, comm = _milp_terms(lengths, N, cost)
     rows, lo, hi = [], [], []
 
     def add(row, a, b):
