@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from model import PRESETS, ModelConfig, Transformer
-from scheduler import CostModel, padded_len, schedule as make_plan
+from scheduler import CostModel, schedule as make_plan
 
 # -----------------------------------------------------------------------------
 # default config values; override with config/*.py then --key=value (configurator.py)
@@ -206,10 +206,11 @@ else:
 if not bucket_size or bucket_size < 0:
     raise SystemExit(f"bucket_size={bucket_size}: give a positive bucket_size, or 0 together with a profile JSON")
 bucket_size = int(bucket_size)
-_longest = int(ds.lengths.max())  # fail now, not at the step that first draws it
-if (padded_len(_longest, cp) // cp if cp > 1 else _longest) > bucket_size:
-    raise SystemExit(f"dataset {dataset} has a {_longest}-token sample that cannot fit cp={cp} ranks of "
-                     f"bucket_size={bucket_size}: raise cp or bucket_size, or re-prepare with --max_len")
+try:  # fail now, not at the step that first draws the longest sample (the scheduler's own check)
+    make_plan([int(ds.lengths.max())], dp=1, cp=cp, bucket_size=bucket_size, policy="naive")
+except ValueError as e:
+    raise SystemExit(f"dataset {dataset}, its longest sample ({int(ds.lengths.max())} tokens): {e}. "
+                     f"Raise cp or bucket_size, or re-prepare with --max_len")
 
 
 def save_checkpoint(it):
