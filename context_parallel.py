@@ -87,34 +87,52 @@ def pad_to_multiple(input_ids, labels, position_ids, lengths, multiple):
     return torch.cat(ids), torch.cat(labs), torch.cat(pos), new_lengths
 
 # -----------------------------------------------------------------------------
-# per-block attention kernel: the one seam. q (Tq, H, D), k/v (Tk, H_kv, D), varlen offsets
-# cu_q/cu_k (same number of sequences). Returns out (Tq, H, D) and lse (H, Tq) fp32; the backward
-# takes the MERGED out and lse, so each block's gradient is its exact share of the full gradient.
+# per-block attention kernels: the ONE attention path of the repo (model.py's local-only batches and
+# every ring block call these). q (Tq, H, D), k/v (Tk, H_kv, D), varlen offsets cu_q/cu_k (same
+# number of sequences). _attn_fwd returns out (Tq, H, D) and lse (H, Tq) fp32; _attn_bwd takes the
+# MERGED out and lse, so each block's gradient is its exact share of the full gradient. Both are pure
+# functions of their inputs (no communication, no state), so a block can be recomputed at will.
+#
+# CUDA: PyTorch's own FlashAttention-2 varlen kernels (aten._flash_attention_forward/_backward), one
+# call for all sequences of a block, GQA handled inside the kernel. They exist in torch 2.11 and 2.13;
+# torch.nn.attention.varlen (2.13) wraps the same op but exposes no backward that accepts an outside
+# (merged) lse, which the ring needs. The flash-attn package is not used: its equivalent entry points
+# are private and have changed signature between releases, and PyTorch ships the same FA2 kernels.
+# CPU: torch's flash op per sequence, in fp32 or fp64: exact, and the reference the GPU is held to.
 
-Cu = namedtuple("Cu", "list tensor max")  # offsets as python ints (CPU loop) and int32 (flash)
+Cu = namedtuple("Cu", "list tensor max")  # offsets as python ints (CPU loop) and int32 on the device (flash)
 
 
 def _cu(offsets, device):
     offsets = [int(x) for x in offsets]
     lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    return Cu(offsets, torch.tensor(offsets, dtype=torch.int32, device=device), max(lens, default=0))
+    tensor = torch.tensor(offsets, dtype=torch.int32, device=device) if torch.device(device).type == "cuda" else None
+    return Cu(offsets, tensor, max(lens, default=0))
+
+
+_NO_DROPOUT_RNG = {}  # the backward's philox seed/offset arguments: unused without dropout, one per device
 
 
 def _attn_fwd(q, k, v, cu_q, cu_k, causal, scale):
-    if q.is_cuda:  # flash-attn 2 varlen kernels as shipped inside PyTorch: no third-party private API
+    if q.is_cuda:
         if q.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError("ring attention on CUDA uses flash kernels: pass bf16 or fp16 q/k/v")
+            raise TypeError(f"attention on CUDA runs flash kernels: q/k/v must be bf16 or fp16 (use autocast), got {q.dtype}")
         out, lse = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q.tensor, cu_k.tensor, cu_q.max, cu_k.max, 0.0, causal, False, scale=scale)[:2]
-        return out, lse  # lse (H, Tq) float32
+        # the merge and the backward index lse as (H, Tq); some torch releases returned a padded
+        # (batch, H, max_q) layout here instead. A shape check costs no device sync.
+        if lse.shape != (q.shape[1], q.shape[0]):
+            raise RuntimeError(f"torch {torch.__version__}: flash varlen lse has shape {tuple(lse.shape)}, "
+                               f"expected (heads, tokens) = {(q.shape[1], q.shape[0])}")
+        return out, lse
     # CPU: torch's flash op per sequence, (B, H, S, D) layout, no GQA support -> expand kv heads.
     # bf16/fp16 blocks run in fp32 here: exact block results, only the final output is rounded
     # (the bf16 CPU kernel rounds each head's dk/dv before the GQA sum: ~2x the error).
     g, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    out, lse = torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]))
+    out, lse = torch.zeros_like(q), q.new_full((q.shape[1], q.shape[0]), -math.inf)
     for a, b, c, d in zip(cu_q.list[:-1], cu_q.list[1:], cu_k.list[:-1], cu_k.list[1:]):
-        if b > a:
+        if b > a and d > c:
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _bhsd(q[a:b]), _bhsd(k[c:d], g), _bhsd(v[c:d], g), 0.0, causal, scale=scale)
             out[a:b], lse[:, a:b] = o[0].transpose(0, 1), l[0]
@@ -124,15 +142,17 @@ def _attn_fwd(q, k, v, cu_q, cu_k, causal, scale):
 def _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
     """-> dq, dk, dv of this block (dk, dv already summed over the query heads of each kv head)."""
     if q.is_cuda:
-        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # philox state, unused: no dropout
+        if q.device not in _NO_DROPOUT_RNG:
+            _NO_DROPOUT_RNG[q.device] = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        rng = _NO_DROPOUT_RNG[q.device]
         return torch.ops.aten._flash_attention_backward(
             dout, q, k, v, out, lse.contiguous(), cu_q.tensor, cu_k.tensor, cu_q.max, cu_k.max,
             0.0, causal, rng, rng, scale=scale)
     g, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
     dout, q, k, v, out = (x.to(acc) for x in (dout, q, k, v, out))
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for a, b, c, d in zip(cu_q.list[:-1], cu_q.list[1:], cu_k.list[:-1], cu_k.list[1:]):
-        if b > a:
+        if b > a and d > c:
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _bhsd(dout[a:b]), _bhsd(q[a:b]), _bhsd(k[c:d], g), _bhsd(v[c:d], g),
                 _bhsd(out[a:b]), lse[None, :, a:b].contiguous(), 0.0, causal, scale=scale)
@@ -159,61 +179,32 @@ def _merge(out, lse, block_out, block_lse, rows=None):
         out[rows], lse[:, rows] = o, new
 
 # -----------------------------------------------------------------------------
-# the ring: send to rank+1, receive from rank-1, one flat buffer per hop
+# the plan: everything about a micro-batch's attention that depends only on its offsets
 
 
-_P2P_STREAMS = {}  # one side stream per device, shared by all layers
+class AttnPlan:
+    """Offsets, kernel arguments and row indices of one micro-batch on one CP rank, built ONCE from
+    CPU lists (train.py's load_microbatch) and shared by every layer's forward and backward. Building
+    it reads the offsets on the host and copies a few small tensors to the device; after that a
+    layer issues no host-device sync (a plan built from CUDA offsets pays one sync, here).
 
+    cu_seqlens_dist: GLOBAL offsets of the distributed sequences (same on every CP rank), or None.
+    cu_seqlens_local: offsets of this rank's whole local sequences, from 0, or None.
+    world, rank: the CP group's size and this rank's index; by default read from `group` (or the
+    default process group) when there are distributed sequences, else 1 and 0."""
 
-class _Ring:
-    def __init__(self, group, device):
-        self.group = group if group is not None else dist.group.WORLD
-        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)  # P2P takes global ranks
-        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
-        self.stream = None  # CPU (gloo): no streams, P2P is already asynchronous
-        if device.type == "cuda":
-            if device not in _P2P_STREAMS:
-                _P2P_STREAMS[device] = torch.cuda.Stream(device)
-            self.stream = _P2P_STREAMS[device]
-
-    def post(self, buf, tag):
-        """Start sending buf to next and receiving the same shape from prev; returns wait() -> recv."""
-        recv, stream = torch.empty_like(buf), self.stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())  # buf is fully written before it leaves
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self.next, self.group, tag),
-                                           dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
-        if stream is not None:  # the caching allocator must not reuse them while the side stream runs
-            buf.record_stream(stream)
-            recv.record_stream(stream)
-
-        def wait():
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for req in reqs:
-                    req.wait()
-            if stream is not None:
-                torch.cuda.current_stream().wait_stream(stream)  # an event: compute waits for recv
-            return recv
-        return wait
-
-
-class _Plan:
-    """Everything about one call that depends only on the offsets (identical on all CP ranks)."""
-
-    def __init__(self, q, k, cu_dist, cu_local, group):
-        dev = q.device
-        lens = _lengths(cu_dist) if cu_dist is not None else []
-        self.ring = None
-        if lens and (group is not None or dist.is_initialized()):
-            self.ring = _Ring(group, dev)
-        self.rank, self.world = (self.ring.rank, self.ring.world) if self.ring else (0, 1)
+    def __init__(self, cu_seqlens_dist, cu_seqlens_local, device="cpu", group=None, world=None, rank=None):
+        dev = torch.device(device)
+        lens = _lengths(cu_seqlens_dist) if cu_seqlens_dist is not None else []
+        if world is None:
+            world, rank = 1, 0
+            if lens and (group is not None or dist.is_initialized()):
+                g = group if group is not None else dist.group.WORLD
+                world, rank = dist.get_world_size(g), dist.get_rank(g)
+        self.group, self.world, self.rank, self.device = group, int(world), int(rank or 0), dev
         W, n2 = self.world, 2 * self.world
         if W > 1 and any(n % n2 for n in lens):  # W == 1: one causal block per whole sequence
             raise ValueError(f"distributed lengths {lens} must be multiples of 2*W={n2}; see pad_to_multiple")
-        if q.shape[1] % k.shape[1]:
-            raise ValueError(f"{q.shape[1]} query heads not divisible by {k.shape[1]} kv heads")
         full = [0] + [sum(lens[:i + 1]) // W for i in range(len(lens))]  # this rank's offsets (2 chunks/seq)
         half = [0] + [sum(lens[:i + 1]) // n2 for i in range(len(lens))]  # one chunk per seq
         self.n_dist, self.full, self.half = full[-1], _cu(full, dev), _cu(half, dev)
@@ -222,10 +213,10 @@ class _Plan:
         self.first = torch.cat(first).to(dev) if first else None
         self.second = torch.cat(second).to(dev) if second else None
         self.steps = W if lens else 1
-        # local sequences: split into one group per ring step, of ~equal attention cost (sum L^2)
-        loc = _lengths(cu_local) if cu_local is not None and len(cu_local) > 1 else []
-        if self.n_dist + sum(loc) != q.shape[0]:
-            raise ValueError(f"q has {q.shape[0]} rows, expected {self.n_dist} distributed + {sum(loc)} local")
+        # local sequences: split into one group per ring step, of ~equal attention cost (sum L^2);
+        # without distributed sequences that is one group: one kernel call for all of them
+        loc = _lengths(cu_seqlens_local) if cu_seqlens_local is not None and len(cu_seqlens_local) > 1 else []
+        self.n_local = sum(loc)
         slots, total, done, start = self.steps, sum(n * n for n in loc), 0, self.n_dist
         groups = [[] for _ in range(self.steps)]
         for n in loc:
@@ -233,6 +224,12 @@ class _Plan:
             done, start = done + n * n, start + n
         self.local = [(g[0][0], g[-1][1], _cu([0] + [b - g[0][0] for _, b in g], dev)) if g else None
                       for g in groups]
+
+    def check(self, q, k):
+        if q.shape[0] != self.n_dist + self.n_local:
+            raise ValueError(f"q has {q.shape[0]} rows, expected {self.n_dist} distributed + {self.n_local} local")
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"{q.shape[1]} query heads not divisible by {k.shape[1]} kv heads")
 
     def block(self, src):
         """(q rows, kv rows, cu_q, cu_k, causal) for the step holding rank src's K, V (module doc)."""
@@ -254,78 +251,169 @@ def _add_rows(dst, idx, src):
         dst.index_add_(0, idx, src.to(dst.dtype))
 
 # -----------------------------------------------------------------------------
-# forward and backward
+# the ring: send to rank+1, receive from rank-1, one flat buffer per hop. post(bufs, tag) takes the
+# buffers of the ranks this process runs (one, or all W when emulated) and returns wait() -> the
+# buffers each of them receives.
+
+
+_P2P_STREAMS = {}  # one side stream per device, shared by all layers
+
+
+class _Ring:
+    """Real P2P (gloo or NCCL) between the processes of a CP group."""
+
+    def __init__(self, group, device):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)  # P2P takes global ranks
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+        self.stream = None  # CPU (gloo): no streams, P2P is already asynchronous
+        if device.type == "cuda":
+            if device not in _P2P_STREAMS:
+                _P2P_STREAMS[device] = torch.cuda.Stream(device)
+            self.stream = _P2P_STREAMS[device]
+
+    def post(self, bufs, tag):
+        """Start sending bufs[0] to next and receiving the same shape from prev."""
+        (buf,), stream = bufs, self.stream
+        recv = torch.empty_like(buf)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # buf is fully written before it leaves
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self.next, self.group, tag),
+                                           dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
+        if stream is not None:  # the caching allocator must not reuse them while the side stream runs
+            buf.record_stream(stream)
+            recv.record_stream(stream)
+
+        def wait():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for req in reqs:
+                    req.wait()
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)  # an event: compute waits for recv
+            return [recv]
+        return wait
+
+
+class _MemoryRing:
+    """W emulated ranks in one process: the hop is a hand-over of references. Every rank's buffer is
+    complete when post() is called (the step loop posts before it computes), and a sender never
+    writes to a buffer it has posted, so handing over the tensor itself is exact."""
+
+    def post(self, bufs, tag):
+        return lambda: bufs[-1:] + bufs[:-1]  # rank r receives rank r-1's buffer
+
+# -----------------------------------------------------------------------------
+# forward and backward. The step structure, identical in both directions and for every rank:
+#     1. post the next K/V hop (and, in backward, the dK/dV hop) so it travels while we compute,
+#     2. compute this step's slice of the local sequences (DACP: local work hides the hop),
+#     3. compute the ring block for the K/V held now and merge it,
+#     4. wait for the hop.
+# The loops run over the ranks this process holds: one rank with real P2P, or W emulated ranks with
+# the hop handed over in memory (emulated_attention), so the emulation runs the very same blocks.
 
 
 class _DACPAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_dist, cu_local, group):
-        p = _Plan(q, k, cu_dist, cu_local, group)
-        scale, acc, nd = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32), p.n_dist
-        out = torch.empty_like(q)
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=acc)
-        o_acc = q.new_zeros((nd,) + q.shape[1:], dtype=acc)
-        l_acc = q.new_full((q.shape[1], nd), -math.inf, dtype=acc)
-        kv = torch.stack([k[:nd], v[:nd]])  # one contiguous buffer per hop
-        for step in range(p.steps):
-            wait = p.ring.post(kv, tag=0) if step + 1 < p.steps else None  # next hop before compute
-            if p.local[step]:  # overlaps the hop in flight
-                a, b, cu = p.local[step]
-                out[a:b], lse[:, a:b] = _attn_fwd(q[a:b], k[a:b], v[a:b], cu, cu, True, scale)
-            if nd:
-                qi, ki, cu_q, cu_k, causal = p.block((p.rank - step) % p.world)
-                bo, bl = _attn_fwd(_rows(q[:nd], qi), _rows(kv[0], ki), _rows(kv[1], ki), cu_q, cu_k, causal, scale)
-                _merge(o_acc, l_acc, bo, bl, qi)
-            if wait:
-                kv = wait()
-        out[:nd], lse[:, :nd] = o_acc, l_acc
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = p, scale
-        return out
+    def forward(ctx, ring, plans, *qkv):
+        n, p0 = len(plans), plans[0]
+        qs, ks, vs = qkv[:n], qkv[n:2 * n], qkv[2 * n:]
+        scale, acc, nd = qs[0].shape[-1] ** -0.5, torch.promote_types(qs[0].dtype, torch.float32), p0.n_dist
+        outs = [torch.empty_like(q) for q in qs]
+        lses = [q.new_empty((q.shape[1], q.shape[0]), dtype=acc) for q in qs]
+        o_accs = [q.new_zeros((nd,) + q.shape[1:], dtype=acc) for q in qs]
+        l_accs = [q.new_full((q.shape[1], nd), -math.inf, dtype=acc) for q in qs]
+        kvs = [torch.stack([k[:nd], v[:nd]]) for k, v in zip(ks, vs)]  # one contiguous buffer per hop
+        for step in range(p0.steps):
+            wait = ring.post(kvs, tag=0) if step + 1 < p0.steps else None  # 1. next hop before compute
+            for p, q, k, v, out, lse, o_acc, l_acc, kv in zip(plans, qs, ks, vs, outs, lses, o_accs, l_accs, kvs):
+                if p.local[step]:  # 2.
+                    a, b, cu = p.local[step]
+                    out[a:b], lse[:, a:b] = _attn_fwd(q[a:b], k[a:b], v[a:b], cu, cu, True, scale)
+                if nd:  # 3.
+                    qi, ki, cu_q, cu_k, causal = p.block((p.rank - step) % p.world)
+                    bo, bl = _attn_fwd(_rows(q[:nd], qi), _rows(kv[0], ki), _rows(kv[1], ki), cu_q, cu_k, causal, scale)
+                    _merge(o_acc, l_acc, bo, bl, qi)
+            if wait:  # 4.
+                kvs = wait()
+        for out, lse, o_acc, l_acc in zip(outs, lses, o_accs, l_accs):
+            out[:nd], lse[:, :nd] = o_acc, l_acc
+        ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
+        ctx.plans, ctx.ring, ctx.scale = plans, ring, scale
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        p, scale, nd = ctx.plan, ctx.scale, ctx.plan.n_dist
-        acc = torch.promote_types(q.dtype, torch.float32)
-        dout = dout.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dq_acc = q.new_zeros((nd,) + q.shape[1:], dtype=acc)
-        kv = torch.stack([k[:nd], v[:nd]])  # restart from this rank's own K, V
+    def backward(ctx, *douts):
+        plans, ring, scale = ctx.plans, ctx.ring, ctx.scale
+        n, p0 = len(plans), plans[0]
+        saved = ctx.saved_tensors
+        qs, ks, vs, outs, lses = (saved[i * n:(i + 1) * n] for i in range(5))
+        acc, nd = torch.promote_types(qs[0].dtype, torch.float32), p0.n_dist
+        douts = [d.contiguous() for d in douts]
+        dqs, dks, dvs = ([torch.empty_like(x) for x in xs] for xs in (qs, ks, vs))
+        dq_accs = [q.new_zeros((nd,) + q.shape[1:], dtype=acc) for q in qs]
+        kvs = [torch.stack([k[:nd], v[:nd]]) for k, v in zip(ks, vs)]  # restart from each rank's own K, V
         dkv_wait = None
-        for step in range(p.steps):
-            wait = p.ring.post(kv, tag=0) if step + 1 < p.steps else None
-            if nd:
-                qi, ki, cu_q, cu_k, causal = p.block((p.rank - step) % p.world)
-                gq, gk, gv = _attn_bwd(_rows(dout[:nd], qi), _rows(q[:nd], qi), _rows(kv[0], ki), _rows(kv[1], ki),
-                                       _rows(out[:nd], qi), _rows(lse[:, :nd].T, qi).T, cu_q, cu_k, causal, scale)
-                _add_rows(dq_acc, qi, gq)
+        for step in range(p0.steps):
+            wait = ring.post(kvs, tag=0) if step + 1 < p0.steps else None  # 1.
+            if nd:  # 3. before 2. here: the dK/dV hop it produces can then travel during the local slice
                 # dK/dV of the K, V held now travel with them: by the end they are back at their owner
-                dkv = dkv_wait() if dkv_wait else kv.new_zeros(kv.shape, dtype=acc)
-                _add_rows(dkv[0], ki, gk)
-                _add_rows(dkv[1], ki, gv)
-                dkv_wait = p.ring.post(dkv, tag=1) if p.ring else (lambda dkv=dkv: dkv)
-            if p.local[step]:  # overlaps the K/V hop and the dK/dV hop in flight (also the last one)
-                a, b, cu = p.local[step]
-                gq, gk, gv = _attn_bwd(dout[a:b], q[a:b], k[a:b], v[a:b], out[a:b], lse[:, a:b], cu, cu, True, scale)
-                dq[a:b], dk[a:b], dv[a:b] = gq, gk, gv
-            if wait:
-                kv = wait()
+                dkvs = dkv_wait() if dkv_wait else [kv.new_zeros(kv.shape, dtype=acc) for kv in kvs]
+                for p, q, dout, out, lse, kv, dq_acc, dkv in zip(plans, qs, douts, outs, lses, kvs, dq_accs, dkvs):
+                    qi, ki, cu_q, cu_k, causal = p.block((p.rank - step) % p.world)
+                    gq, gk, gv = _attn_bwd(_rows(dout[:nd], qi), _rows(q[:nd], qi), _rows(kv[0], ki), _rows(kv[1], ki),
+                                           _rows(out[:nd], qi), _rows(lse[:, :nd].T, qi).T, cu_q, cu_k, causal, scale)
+                    _add_rows(dq_acc, qi, gq)
+                    _add_rows(dkv[0], ki, gk)
+                    _add_rows(dkv[1], ki, gv)
+                dkv_wait = ring.post(dkvs, tag=1) if ring else (lambda dkvs=dkvs: dkvs)
+            for p, q, k, v, dout, out, lse, dq, dk, dv in zip(plans, qs, ks, vs, douts, outs, lses, dqs, dks, dvs):
+                if p.local[step]:  # 2. overlaps the K/V hop and the dK/dV hop in flight (also the last one)
+                    a, b, cu = p.local[step]
+                    dq[a:b], dk[a:b], dv[a:b] = _attn_bwd(dout[a:b], q[a:b], k[a:b], v[a:b], out[a:b], lse[:, a:b],
+                                                          cu, cu, True, scale)
+            if wait:  # 4.
+                kvs = wait()
         if nd:
-            dkv = dkv_wait()
-            dq[:nd], dk[:nd], dv[:nd] = dq_acc, dkv[0], dkv[1]
-        return dq, dk, dv, None, None, None
+            for dq, dk, dv, dq_acc, dkv in zip(dqs, dks, dvs, dq_accs, dkv_wait()):
+                dq[:nd], dk[:nd], dv[:nd] = dq_acc, dkv[0], dkv[1]
+        return (None, None, *dqs, *dks, *dvs)
+
+
+def attention(q, k, v, plan):
+    """Causal attention of one micro-batch on this rank with a prebuilt AttnPlan: rows [0, n_dist)
+    are this rank's zigzag shards of the distributed sequences (ring), the rest its local sequences.
+    q (T, H, D), k/v (T, H_kv, D) -> out (T, H, D), differentiable in q, k, v."""
+    plan.check(q, k)
+    ring = _Ring(plan.group, q.device) if plan.world > 1 and plan.n_dist else None
+    return _DACPAttention.apply(ring, [plan], q, k, v)[0]
 
 
 def ring_attention(q, k, v, cu_seqlens, group=None):
     """Causal zigzag ring attention. q (T_local, H, D), k/v (T_local, H_kv, D): this rank's
-    zigzag_shard of packed sequences with GLOBAL int32 offsets cu_seqlens. -> out (T_local, H, D)."""
-    return _DACPAttention.apply(q, k, v, cu_seqlens, None, group)
+    zigzag_shard of packed sequences with GLOBAL int32 offsets cu_seqlens. -> out (T_local, H, D).
+    Builds its AttnPlan on every call; for many layers, build one and call attention()."""
+    return attention(q, k, v, AttnPlan(cu_seqlens, None, q.device, group))
 
 
 def dacp_attention(q, k, v, cu_seqlens_dist, cu_seqlens_local, group=None):
     """Skrull DACP attention for one micro-batch. Rows [0, cu_seqlens_dist[-1] // W) are this rank's
     zigzag shards of the distributed sequences (GLOBAL offsets, same on every CP rank); the rest are
     this rank's whole local sequences (offsets from 0). Local attention runs while the ring's P2P is
-    in flight. Either part may be empty; with no distributed sequence there is no communication."""
-    return _DACPAttention.apply(q, k, v, cu_seqlens_dist, cu_seqlens_local, group)
+    in flight. Either part may be empty; with no distributed sequence there is no communication.
+    Builds its AttnPlan on every call; for many layers, build one and call attention()."""
+    return attention(q, k, v, AttnPlan(cu_seqlens_dist, cu_seqlens_local, q.device, group))
+
+
+def emulated_attention(qs, ks, vs, cu_seqlens_dist, cu_seqlens_locals=None):
+    """dacp_attention for W = len(qs) emulated CP ranks in ONE process: qs[r], ks[r], vs[r] are what
+    rank r would pass (its zigzag shards, then its local sequences with offsets cu_seqlens_locals[r]).
+    The same per-block kernels and step loop run; each hop is handed over in memory instead of P2P.
+    Returns the W outputs, differentiable. For testing kernels on one device, e.g. one GPU."""
+    W = len(qs)
+    locals_ = cu_seqlens_locals if cu_seqlens_locals is not None else [None] * W
+    plans = [AttnPlan(cu_seqlens_dist, locals_[r], qs[r].device, world=W, rank=r) for r in range(W)]
+    for p, q, k in zip(plans, qs, ks):
+        p.check(q, k)
+    return list(_DACPAttention.apply(_MemoryRing() if W > 1 else None, plans, *qs, *ks, *vs))

@@ -30,10 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-try:  # optional CUDA extra: pip install flash-attn
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
+from context_parallel import AttnPlan, attention
 
 
 @dataclass
@@ -143,30 +140,11 @@ class RoPE(nn.Module):
 def varlen_attention(q, k, v, cu_seqlens):
     """Causal attention within each packed sequence, never across.
     q (N, H, D), k/v (N, Hkv, D), cu_seqlens int32 (n+1,) offsets into N -> out (N, H, D).
-    CUDA + flash-attn + fp16/bf16: one varlen kernel call. Otherwise one scaled_dot_product_attention
-    per sequence (a single batched call when all lengths are equal), so the cost is sum(L_i^2), never
-    the (N x N) block-diagonal mask. When q and k have the same length, top-left (torch) and
-    bottom-right (flash-attn) causal alignment coincide, so both paths compute the same thing."""
-    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # flash-attn handles GQA itself
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
-
-    def sdpa(q, k, v):  # (B, L, heads, D) -> (B, L, H, D); sdpa wants heads before length
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2)
-
-    bounds = cu_seqlens.tolist()
-    lengths = {e - s for s, e in zip(bounds[:-1], bounds[1:])}
-    if len(lengths) == 1 and bounds[0] == 0 and bounds[-1] == q.shape[0]:  # e.g. an unpacked (B, T) batch
-        L = lengths.pop()
-        n = q.shape[0] // L if L else 0
-        if n:
-            return sdpa(q.view(n, L, *q.shape[1:]), k.view(n, L, *k.shape[1:]),
-                        v.view(n, L, *v.shape[1:])).reshape(q.shape)
-    out = [sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0] for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out) if out else torch.zeros_like(q)
+    The kernels are context_parallel's, the same that compute every ring block: on CUDA one flash
+    varlen call for all sequences (bf16/fp16), on CPU torch's flash op per sequence (exact), so the
+    cost is sum(L_i^2), never the (N x N) block-diagonal mask. Reads cu_seqlens on the host: a model
+    forward builds its AttnPlan once and shares it with every layer (Transformer.forward)."""
+    return attention(q, k, v, AttnPlan(None, cu_seqlens, q.device))
 
 
 def positions_from_cu_seqlens(cu_seqlens, n_tokens):
@@ -262,7 +240,8 @@ class Transformer(nn.Module):
         Unpacked: each of the B rows is one sequence. Packed: B == 1 and cu_seqlens (int32, n+1)
         gives the sequence offsets inside the row. position_ids, (B, T) or (T,), default to
         0, 1, ... restarting at every sequence start. attn_fn(q, k, v) replaces
-        varlen_attention(q, k, v, cu_seqlens) in every layer (context parallelism plugs in here).
+        varlen_attention(q, k, v, cu_seqlens) in every layer (context parallelism plugs in here:
+        train.py passes context_parallel.attention with the micro-batch's prebuilt plan).
         targets (B, T) are already shifted (target[t] is token t+1), -100 = no loss at t.
         reduction "mean" averages over targets != -100 (0 if there are none), "sum" adds them up.
         The loss is computed in fp32. return_logits defaults to `targets is None`: with targets,
@@ -277,8 +256,9 @@ class Transformer(nn.Module):
             raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got idx of shape {tuple(idx.shape)}")
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, B * T)
-        if attn_fn is None:
-            attn_fn = lambda q, k, v: varlen_attention(q, k, v, cu_seqlens)  # noqa: E731
+        if attn_fn is None:  # one plan for all layers: the offsets are read on the host once per forward
+            plan = AttnPlan(None, cu_seqlens, idx.device)
+            attn_fn = lambda q, k, v: attention(q, k, v, plan)  # noqa: E731
         if return_logits is None:
             return_logits = targets is None
 

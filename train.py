@@ -97,6 +97,8 @@ if threads is not None and not device.startswith("cuda"):
     torch.set_num_threads(threads)
 torch.manual_seed(seed)  # same init on every rank
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda" and dtype not in ("bfloat16", "float16"):
+    raise SystemExit(f"dtype={dtype!r} on CUDA: attention runs flash kernels, use dtype='bfloat16' or 'float16' (autocast)")
 autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" and dtype != "float32" else nullcontext()
 
 
@@ -136,29 +138,28 @@ def example(i):
 
 def load_microbatch(mb, idx):
     """This rank's tokens for micro-batch `mb` (indices into the global batch `idx`): zigzag shards of the
-    distributed sequences (padded to a multiple of 2*cp) followed by its whole local sequences."""
-    parts = []
+    distributed sequences (padded to a multiple of 2*cp) followed by its whole local sequences, and the
+    attention function every layer calls. Its AttnPlan is built here, once per micro-batch, from CPU
+    lists: the layers then run without reading offsets back from the device (no host-device syncs)."""
+    from context_parallel import AttnPlan, attention, pad_to_multiple, zigzag_shard
+    parts, cu_dist = [], None
     if mb.distributed:
-        from context_parallel import dacp_attention, pad_to_multiple, zigzag_shard
         xs, ys, ps = zip(*(example(idx[j]) for j in mb.distributed))
-        lengths = torch.tensor([len(x) for x in xs])
+        lengths = [len(x) for x in xs]
         x, y, p, lengths = pad_to_multiple(torch.cat(xs), torch.cat(ys), torch.cat(ps), lengths, 2 * cp)
-        cu_dist = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu_dist[1:] = torch.cumsum(lengths, 0)
+        cu_dist = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         parts.append([zigzag_shard(t, cu_dist, cp_rank, cp) for t in (x, y, p)])
     local = mb.local[cp_rank]
     if local:
         xs, ys, ps = zip(*(example(idx[j]) for j in local))
         parts.append([torch.cat(xs), torch.cat(ys), torch.cat(ps)])
-    cu_local = torch.zeros(len(local) + 1, dtype=torch.int32)
-    cu_local[1:] = torch.cumsum(torch.tensor([ds.lengths[idx[j]] for j in local], dtype=torch.int64), 0)
     if not parts:
         return None
+    cu_local = np.concatenate([[0], np.cumsum([int(ds.lengths[idx[j]]) for j in local], dtype=np.int64)]).tolist()
     x, y, p = (torch.cat(t).to(device) for t in zip(*parts))
-    if mb.distributed:  # the model calls this instead of its own attention: it never knows about CP
-        attn_fn = partial(dacp_attention, cu_seqlens_dist=cu_dist.to(device), cu_seqlens_local=cu_local.to(device), group=cp_group)
-        return x[None], y[None], p[None], None, attn_fn
-    return x[None], y[None], p[None], cu_local.to(device), None
+    # the model calls this instead of its own attention: it never knows about CP
+    plan = AttnPlan(cu_dist, cu_local, device, group=cp_group, world=cp, rank=cp_rank)
+    return x[None], y[None], p[None], partial(attention, plan=plan)
 
 
 # -----------------------------------------------------------------------------
@@ -232,9 +233,14 @@ def load_checkpoint():
     with torch.no_grad():
         for n, p in named_params.items():
             p.copy_(tensors[f"model.{n}"])
+    # through load_state_dict, which puts each state tensor where this optimizer wants it (fused AdamW
+    # on CUDA keeps `step` on the device, the for-each one on the CPU)
+    state = optimizer.state_dict()  # its "state" is keyed by position in param_groups
+    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     for n, p in named_params.items():
         if f"optim.{n}.step" in tensors:
-            optimizer.state[p] = {k: tensors[f"optim.{n}.{k}"].to(device if k != "step" else "cpu") for k in ("step", "exp_avg", "exp_avg_sq")}
+            state["state"][position[id(p)]] = {k: tensors[f"optim.{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+    optimizer.load_state_dict(state)
     return int(meta_ckpt["iter"])
 
 
@@ -283,6 +289,8 @@ t_start = time.time()
 dts = []
 for it in range(start_iter, max_iters):
     t0 = time.time()
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # max_memory_allocated in the metrics: this step's peak
     lr = get_lr(it)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -300,9 +308,9 @@ for it in range(start_iter, max_iters):
         batch = load_microbatch(mb, idx)
         if batch is None:  # this CP rank holds nothing in this micro-batch (no distributed sequences)
             continue
-        x, y, p, cu, attn_fn = batch
+        x, y, p, attn_fn = batch
         with autocast:
-            _, loss = model(x, y, cu_seqlens=cu, position_ids=p, attn_fn=attn_fn, reduction="sum")
+            _, loss = model(x, y, position_ids=p, attn_fn=attn_fn, reduction="sum")
         (loss / n_targets).backward()
         loss_sum += loss.detach().float()
     all_reduce_grads()

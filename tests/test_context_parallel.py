@@ -115,6 +115,79 @@ def test_single_process_matches_reference():
         cp.dacp_attention(q, k, v, [0, 30], [0, 30])
 
 # -----------------------------------------------------------------------------
+# in-process ring: W emulated ranks, same blocks and step loop, hops handed over in memory
+
+
+def emulated_case(dist_lens, local_lens, heads, dtype, W, seed, device="cpu"):
+    """All W ranks of one case in this process -> max abs error per tensor vs the fp64 reference."""
+    H, Hkv = heads
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda T, h: torch.randn(T, h, D, generator=gen, dtype=torch.float64).to(dtype).double()  # noqa: E731
+    cu_d = offsets(dist_lens)
+    dist_qkvo = [make(cu_d[-1], h) for h in (H, Hkv, Hkv, H)]
+    local_lens = local_lens or [[] for _ in range(W)]
+    local_qkvo = [[make(sum(ls), h) for h in (H, Hkv, Hkv, H)] for ls in local_lens]
+    ref_d = reference_grads(*dist_qkvo, cu_d)
+    refs, xs = [], []
+    for r in range(W):
+        ref_l = reference_grads(*local_qkvo[r], offsets(local_lens[r]))
+        refs.append([torch.cat([cp.zigzag_shard(a, cu_d, r, W), b]) for a, b in zip(ref_d, ref_l)])
+        xs.append([torch.cat([cp.zigzag_shard(a, cu_d, r, W), b]).to(device, dtype) for a, b in zip(dist_qkvo, local_qkvo[r])])
+    qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
+    outs = cp.emulated_attention(*qkv, cu_d, [offsets(ls) for ls in local_lens])
+    torch.autograd.backward(outs, [x[3] for x in xs])
+    errs = dict.fromkeys(TENSORS, 0.0)
+    for r in range(W):
+        got = (outs[r], qkv[0][r].grad, qkv[1][r].grad, qkv[2][r].grad)
+        assert all(a.dtype == dtype and a.shape == b.shape for a, b in zip(got, refs[r]))
+        for t, a, b in zip(TENSORS, got, refs[r]):
+            if a.numel():
+                errs[t] = max(errs[t], (a.double().cpu() - b).abs().max().item())
+    return errs
+
+
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_emulated_ring_matches_reference(W):
+    """The in-process ring over the same cases as the gloo tests, W = 2, 4, 8: what one GPU can check."""
+    records = []
+    for i, (name, dist_lens, local_lens) in enumerate(cases(W, seed=W)):
+        for dtype in (torch.float32, torch.bfloat16) if W < 8 else (torch.float32,):  # W=8 bf16: bench.py gpu
+            errs = emulated_case(dist_lens, local_lens, (4, 2), dtype, W, seed=i)
+            records.append({"case": name, "W": W, "heads": "4/2", "dtype": str(dtype).split(".")[1], "rank": "all", **errs})
+    print(report(f"in-process ring, W={W}", records))
+    check(records)
+
+
+def test_emulated_ring_hands_over_like_p2p():
+    """Each hop reaches rank r from rank r-1: break the hand-over and the result must be wrong."""
+    W, lens = 4, [8 * 4, 8 * 2]
+    ok = emulated_case(lens, None, (2, 2), torch.float32, W, seed=0)
+    assert max(ok.values()) <= TOL["float32"]
+    post = cp._MemoryRing.post
+    cp._MemoryRing.post = lambda self, bufs, tag: (lambda: bufs[1:] + bufs[:1])  # from r+1: the wrong way round
+    try:
+        bad = emulated_case(lens, None, (2, 2), torch.float32, W, seed=0)
+    finally:
+        cp._MemoryRing.post = post
+    assert bad["out"] > 1e-2
+
+
+def test_rectangular_blocks_match_reference():
+    """The kernels on blocks where q and k differ in length (cu_q != cu_k, no mask), as the ring's
+    off-diagonal steps run them, and the lse layout (H, Tq) the merge and the backward rely on."""
+    torch.manual_seed(0)
+    cu_q, cu_k = [0, 5, 5, 17, 20], [0, 9, 12, 13, 30]
+    q, k, v = torch.randn(20, 4, D, dtype=torch.float64), torch.randn(30, 2, D, dtype=torch.float64), torch.randn(30, 2, D, dtype=torch.float64)
+    cq, ck = cp._cu(cu_q, "cpu"), cp._cu(cu_k, "cpu")
+    out, lse = cp._attn_fwd(q.float(), k.float(), v.float(), cq, ck, False, D ** -0.5)
+    assert lse.shape == (4, 20) and lse.dtype == torch.float32
+    for a, b, c, d in [x for x in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]) if x[1] > x[0]]:
+        s = q[a:b].transpose(0, 1) @ k[c:d].repeat_interleave(2, 1).permute(1, 2, 0) * D ** -0.5  # (H, q, k)
+        ref = (s.softmax(-1) @ v[c:d].repeat_interleave(2, 1).transpose(0, 1)).transpose(0, 1)
+        assert (out[a:b].double() - ref).abs().max() < 1e-5
+        assert (lse[:, a:b].double() - s.logsumexp(-1)).abs().max() < 1e-5
+
+# -----------------------------------------------------------------------------
 # multi-process: each case runs on one CP group; records (max abs errors) go to a JSON per rank
 
 

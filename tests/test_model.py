@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, ModelConfig, Transformer, flash_attn_varlen_func, varlen_attention  # noqa: E402
+from model import PRESETS, ModelConfig, Transformer, varlen_attention  # noqa: E402
 
 transformers = pytest.importorskip("transformers")  # the oracle; listed in requirements.txt
 
@@ -167,7 +167,7 @@ def test_varlen_attention_is_block_causal():
     k2, v2 = k.clone(), v.clone()
     k2[8:], v2[8:] = torch.randn(8, 2, 8), torch.randn(8, 2, 8)  # the future of row 7, and seq 3
     torch.testing.assert_close(varlen_attention(q, k2, v2, cu)[:8], out[:8], atol=0, rtol=0)
-    # equal lengths take the batched path; it must agree with the per-sequence loop
+    # one call over equal-length sequences agrees with one call per sequence
     cu_eq = torch.tensor([0, 8, 16], dtype=torch.int32)
     looped = torch.cat([varlen_attention(q[s:e], k[s:e], v[s:e], torch.tensor([0, e - s], dtype=torch.int32))
                         for s, e in [(0, 8), (8, 16)]])
@@ -243,18 +243,16 @@ def test_from_pretrained_errors(tmp_path):
         Transformer.from_pretrained(variant("shape", {**cfg, "vocab_size": 301}))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or flash_attn_varlen_func is None,
-                    reason="needs CUDA and flash-attn")
-def test_flash_attn_path_matches_sdpa_path():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU path is the reference here)")
+def test_cuda_kernel_path_matches_cpu_fp64():
+    """The CUDA flash varlen path in bf16 against the CPU path in fp64, forward and backward."""
     torch.manual_seed(0)
-    cu = torch.tensor([0, 100, 101, 357, 512], dtype=torch.int32, device="cuda")
-    q, k, v = (torch.randn(512, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
-    out = varlen_attention(q, k, v, cu)  # bf16 on CUDA -> flash-attn
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = varlen_attention(qf, kf, vf, cu)  # fp32 -> the per-sequence sdpa path
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    cu = torch.tensor([0, 100, 101, 357, 512], dtype=torch.int32)
+    q, k, v = (torch.randn(512, h, 64, dtype=torch.float64, requires_grad=True) for h in (8, 2, 2))
+    x = [t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out, ref = varlen_attention(*x, cu.cuda()), varlen_attention(q, k, v, cu)
     dout = torch.randn_like(ref)
-    out.backward(dout.bfloat16())
+    out.backward(dout.to("cuda", torch.bfloat16))
     ref.backward(dout)
-    for a, b in [(q, qf), (k, kf), (v, vf)]:
-        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+    for a, b in [(out, ref), *((t.grad, r.grad) for t, r in zip(x, (q, k, v)))]:
+        assert ((a.double().cpu() - b).norm() / b.norm()).item() < 1e-2  # bf16 operands: 1e-3..1e-2
