@@ -4,6 +4,7 @@ Benchmarks, one file, one subcommand each:
     python bench.py ring      # ring attention vs single-process attention (context_parallel.py)
     python bench.py profile   # measure the cost model's constants on this device -> JSON
     python bench.py e2e       # end-to-end tokens/s of naive vs sorted vs skrull (train.py)
+    python bench.py gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
 """
 import statistics
 import sys
@@ -586,9 +587,283 @@ def bench_e2e(argv):
     print(f"largest gap between predicted and measured speedup: {worst * 100:.0f}%")
 
 # -----------------------------------------------------------------------------
+# gpu
+
+# Tolerances, fixed before any run: relative error ||got - ref|| / ||ref|| against an fp64 CPU
+# reference. bf16 operands round each input to 8 bits of mantissa: one kernel lands between 1e-3
+# and 1e-2; a model stacks layers, so its bound is looser. Losses compare runs of the same code.
+GPU_TOL = {
+    "kernel": 1e-2,      # one attention call (out, dq, dk, dv), bf16 vs fp64
+    "ring": 1e-2,        # in-process ring, W ranks of blocks merged in fp32, bf16 vs fp64
+    "model": 3e-2,       # 2-layer Qwen2 forward (loss) and backward (all gradients), bf16 autocast vs fp64
+    "policy": 1e-2,      # naive vs skrull losses, same batches, bf16 autocast (summation order differs)
+    "resume": 1e-3,      # resumed vs uninterrupted losses (flash backward accumulates dq with atomics)
+}
+
+
+def _rel(got, ref):
+    import torch
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(got).all():
+        return float("nan")
+    return ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def _gpu_kernel_checks(dev, dtype, rows):
+    """The kernel path of model.varlen_attention on a local batch and on rectangular blocks."""
+    import torch
+    import context_parallel as cp
+    from model import varlen_attention
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D = 14, 2, 64  # Qwen2.5-0.5B's heads
+    lengths = [1, 100, 257, 512, 2048, 77]
+    cu = torch.tensor([0] + list(__import__("itertools").accumulate(lengths)), dtype=torch.int32)
+    ref_in = [torch.randn(int(cu[-1]), h, D, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv)]
+    x = [t.detach().to(dev, dtype).requires_grad_() for t in ref_in]
+    ref, out = varlen_attention(*ref_in, cu), varlen_attention(*x, cu.to(dev))
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref.backward(dout)
+    out.backward(dout.to(dev, dtype))
+    errs = [_rel(out, ref)] + [_rel(a.grad, b.grad) for a, b in zip(x, ref_in)]
+    rows.append((f"kernel: varlen_attention fwd+bwd, {len(lengths)} seqs (1..2048), H {H}/{Hkv}", max(errs), GPU_TOL["kernel"],
+                 "out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)))
+    # rectangular blocks (cu_q != cu_k, no mask: the ring's off-diagonal steps), lse layout (H, Tq)
+    cu_q, cu_k = [0, 64, 65, 300, 556], [0, 128, 130, 600, 856]
+    q, k, v = (torch.randn(n, h, D, generator=g, dtype=torch.float64) for n, h in ((556, H), (856, Hkv), (856, Hkv)))
+    do = torch.randn(556, H, D, generator=g, dtype=torch.float64)
+    ro, rl = cp._attn_fwd(q, k, v, cp._cu(cu_q, "cpu"), cp._cu(cu_k, "cpu"), False, D ** -0.5)
+    rg = cp._attn_bwd(do, q, k, v, ro, rl, cp._cu(cu_q, "cpu"), cp._cu(cu_k, "cpu"), False, D ** -0.5)
+    xq, xk, xv, xdo = (t.to(dev, dtype) for t in (q, k, v, do))
+    o, lse = cp._attn_fwd(xq, xk, xv, cp._cu(cu_q, dev), cp._cu(cu_k, dev), False, D ** -0.5)
+    if lse.shape != (H, 556) or lse.dtype != torch.float32:
+        raise RuntimeError(f"lse {tuple(lse.shape)} {lse.dtype}, expected ({H}, 556) float32")
+    gr = cp._attn_bwd(xdo, xq, xk, xv, o, lse, cp._cu(cu_q, dev), cp._cu(cu_k, dev), False, D ** -0.5)
+    errs = [_rel(o, ro), _rel(lse, rl)] + [_rel(a, b) for a, b in zip(gr, rg)]
+    rows.append(("kernel: rectangular blocks (cu_q != cu_k), lse (H, Tq) fp32", max(errs), GPU_TOL["kernel"],
+                 "out/lse/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)))
+
+
+def _ring_inputs(W, dist_lens, local_lens, dev, dtype, g, H=14, Hkv=2, D=64):
+    """fp64 CPU reference (plain varlen attention over whole sequences) and each emulated rank's inputs."""
+    import itertools
+    import torch
+    import context_parallel as cp
+    from model import varlen_attention
+    cu_d = [0] + list(itertools.accumulate(dist_lens))
+    make = lambda T, h: torch.randn(T, h, D, generator=g, dtype=torch.float64)  # noqa: E731
+    d = [make(cu_d[-1], h) for h in (H, Hkv, Hkv, H)]
+    locs = [[make(sum(ls), h) for h in (H, Hkv, Hkv, H)] for ls in local_lens]
+
+    def ref(q, k, v, do, cu):
+        if not cu[-1]:
+            return [q, q, k, v]
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32))
+        out.backward(do)
+        return [out.detach(), q.grad, k.grad, v.grad]
+    ref_d = ref(*d, cu_d)
+    refs, xs = [], []
+    for r in range(W):
+        cu_l = [0] + list(itertools.accumulate(local_lens[r]))
+        ref_l = ref(*locs[r], cu_l)
+        refs.append([torch.cat([cp.zigzag_shard(a, cu_d, r, W), b]) for a, b in zip(ref_d, ref_l)])
+        xs.append([torch.cat([cp.zigzag_shard(a, cu_d, r, W), b]).to(dev, dtype) for a, b in zip(d, locs[r])])
+    cu_locals = [[0] + list(itertools.accumulate(ls)) for ls in local_lens]
+    return cu_d, cu_locals, refs, xs
+
+
+def _gpu_ring_checks(dev, dtype, rows):
+    """The in-process ring (same blocks and step loop, hops handed over in memory) at W = 2, 4, 8."""
+    import torch
+    import context_parallel as cp
+    g = torch.Generator().manual_seed(1)
+    for W in (2, 4, 8):
+        n2 = 2 * W
+        dist_lens = [n2 * 96, n2 * 5, n2, n2 * 33]  # long, short, one chunk per rank, odd multiple
+        local_lens = [[37 + 11 * r, 300, 1][:1 + r % 3] for r in range(W)]
+        local_lens[W - 1] = []  # a rank without local sequences
+        cu_d, cu_locals, refs, xs = _ring_inputs(W, dist_lens, local_lens, dev, dtype, g)
+        qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
+        outs = cp.emulated_attention(*qkv, cu_d, cu_locals)
+        torch.autograd.backward(outs, [x[3] for x in xs])
+        got = [torch.cat(t) for t in (outs, *([x.grad for x in qkv[i]] for i in range(3)))]
+        ref = [torch.cat([r[i] for r in refs]) for i in range(4)]
+        errs = [_rel(a, b) for a, b in zip(got, ref)]
+        rows.append((f"ring: in-process W={W}, {len(dist_lens)} distributed + local seqs", max(errs), GPU_TOL["ring"],
+                     "out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)))
+
+
+def _gpu_sync_check(dev, dtype, rows):
+    """A prebuilt plan makes a layer's attention forward and backward free of host-device syncs:
+    CUDA's sync debug mode turns any sync into an error."""
+    import torch
+    import context_parallel as cp
+    g = torch.Generator().manual_seed(2)
+    for W, dist_lens, local_lens in ((1, [], [[100, 257, 1, 512]]), (4, [8 * 64, 8 * 3], [[50], [], [7, 300], [64]])):
+        cu_d, cu_locals, _, xs = _ring_inputs(W, dist_lens, local_lens, dev, dtype, g)
+        plans = [cp.AttnPlan(cu_d if dist_lens else None, cu_locals[r], dev, world=W, rank=r) for r in range(W)]
+        qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = cp._DACPAttention.apply(cp._MemoryRing() if W > 1 else None, plans, *qkv[0], *qkv[1], *qkv[2])
+            torch.autograd.backward(outs, [x[3] for x in xs])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        rows.append((f"no host-device sync: attention fwd+bwd with a prebuilt plan, W={W}", 0.0, 0.0,
+                     "torch.cuda.set_sync_debug_mode('error') raised nothing"))
+
+
+def _gpu_model_check(dev, dtype, rows):
+    """A 2-layer Qwen2 (0.5B's head layout): bf16 autocast on the device vs fp64 on the CPU, same weights."""
+    import itertools
+    import torch
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=1024, n_layer=2, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864)
+    ref = Transformer(cfg).double()
+    model = Transformer(cfg).to(dev)
+    model.load_state_dict(ref.state_dict())
+    lengths = [700, 1, 33, 1290]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    idx = torch.randint(0, cfg.vocab_size, (1, int(cu[-1])))
+    _, ref_loss = ref(idx, idx, cu_seqlens=cu)
+    ref_loss.backward()
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32 and dev.type == "cuda"):
+        _, loss = model(idx.to(dev), idx.to(dev), cu_seqlens=cu.to(dev))
+    loss.backward()
+    names = [n for n, _ in ref.named_parameters()]
+    p_ref, p = dict(ref.named_parameters()), dict(model.named_parameters())
+    g_err = _rel(torch.cat([p[n].grad.reshape(-1).cpu().double() for n in names]),
+                 torch.cat([p_ref[n].grad.reshape(-1) for n in names]))
+    worst = max(names, key=lambda n: _rel(p[n].grad, p_ref[n].grad))
+    errs = [_rel(loss, ref_loss), g_err]
+    rows.append((f"model: 2-layer Qwen2 (896 wide, 14/2 heads) fwd+bwd, {len(lengths)} packed seqs", max(errs), GPU_TOL["model"],
+                 f"loss {errs[0]:.1e}, all grads {errs[1]:.1e} (worst tensor {worst} {_rel(p[worst].grad, p_ref[worst].grad):.1e})"))
+
+
+def _gpu_train_checks(dev, rows, tput, args):
+    """train.py as users run it: bf16 autocast steps under naive and skrull, checkpoint + resume with
+    fused AdamW, and tokens/s of the Qwen2.5-0.5B shape on ChatQA2-shaped batches."""
+    import os
+    import statistics
+    import tempfile
+    import numpy as np
+    from data.synthetic import make_synthetic
+    tmp = tempfile.mkdtemp(prefix="skrull_gpu_")
+    small = make_synthetic(os.path.join(tmp, "small"), dist="chatqa2", n=256, max_len=2048, seed=0, verbose=False)
+    common = dict(dataset=small, model_preset="tiny", batch_size=8, bucket_size=2048, max_iters=8, warmup_iters=2,
+                  lr_decay_iters=8, checkpoint_interval=0, device=dev.type, dtype="bfloat16" if dev.type == "cuda" else "float32")
+    runs = {p: _train_run(os.path.join(tmp, p), 1, {**common, "schedule": p}) for p in ("naive", "skrull")}
+    for p, m in runs.items():
+        losses = [r["loss"] for r in m]
+        ok = all(np.isfinite(losses)) and losses[-1] < losses[0]
+        rows.append((f"train: {len(m)} {common['dtype']} steps, tiny Qwen2, schedule={p}", 0.0 if ok else float("nan"), 0.0,
+                     f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (finite, falling)"))
+    la, lb = (np.array([r["loss"] for r in runs[p]]) for p in ("naive", "skrull"))
+    rows.append(("train: naive vs skrull, same batches", float(np.max(np.abs(la - lb) / np.abs(la))), GPU_TOL["policy"],
+                 "max relative loss difference over steps"))
+    part = os.path.join(tmp, "resume")
+    _train_run(part, 1, {**common, "schedule": "skrull", "max_iters": 4, "checkpoint_interval": 4})
+    resumed = _train_run(part, 1, {**common, "schedule": "skrull", "init_from": "resume"})
+    lr_ = np.array([r["loss"] for r in resumed])
+    rows.append(("train: checkpoint at 4, resume to 8 (fused AdamW on CUDA)", float(np.max(np.abs(lr_ - lb) / np.abs(lb))),
+                 GPU_TOL["resume"], "max relative loss difference vs the uninterrupted run"))
+    if args.skip_throughput:
+        return
+    # tokens/s: Qwen2.5-0.5B's layers (vocabulary: the synthetic byte tokenizer's, 320 rows), cp=1, one GPU
+    big = make_synthetic(os.path.join(tmp, "chatqa2"), dist="chatqa2", n=512, max_len=args.max_len, seed=0, verbose=False)
+    cfg = dict(dataset=big, model_preset="qwen2.5-0.5b", batch_size=args.batch_size, bucket_size=args.bucket,
+               max_iters=args.iters, warmup_iters=2, learning_rate=2e-5, min_lr=2e-6, checkpoint_interval=0,
+               device=dev.type, dtype="bfloat16", cp=1)
+    res = {p: [] for p in ("naive", "skrull")}
+    for rep in range(args.reps):
+        for p in (("naive", "skrull") if rep % 2 == 0 else ("skrull", "naive")):
+            m = _train_run(os.path.join(tmp, f"tput_{p}_{rep}"), 1, {**cfg, "schedule": p})[args.warmup:]
+            res[p].append(m)
+            print(f"  0.5B shape, {p}, rep {rep}: {sum(r['tokens'] for r in m) / sum(r['dt_ms'] for r in m) * 1e3:,.0f} tok/s", flush=True)
+    for p, reps in res.items():
+        tps = [sum(r["tokens"] for r in m) / sum(r["dt_ms"] for r in m) * 1e3 for m in reps]
+        steps = [r for m in reps for r in m]
+        top = max(steps, key=lambda r: r.get("max_memory_allocated", 0))
+        gib = top.get("max_memory_allocated", 0) / 2 ** 30
+        tput[p] = tps
+        tput[p + "_mem"] = (gib, top["peak_tokens_per_rank"], statistics.median(r["n_microbatches"] for r in steps))
+    tput["cfg"] = cfg
+
+
+def bench_gpu(argv):
+    """Every CUDA path on one GPU, each against a tolerance fixed in GPU_TOL; exits 1 if any row fails.
+        python bench.py gpu                      # about 5 minutes on one H100/H200
+        python bench.py gpu --skip-throughput    # the checks only, about 1 minute
+    --device cpu runs the same checks on the CPU path (a dry run of this command, not a GPU result)."""
+    import argparse
+    import os
+    import torch
+    ap = argparse.ArgumentParser(prog="python bench.py gpu")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--skip-train", action="store_true", help="leave out the train.py rows")
+    ap.add_argument("--skip-throughput", action="store_true", help="leave out the 0.5B tokens/s rows")
+    ap.add_argument("--iters", type=int, default=8, help="steps per throughput run (the first --warmup are not timed)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="throughput runs per policy, alternating")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per step in the throughput runs")
+    ap.add_argument("--max_len", type=int, default=24576, help="longest synthetic ChatQA2-shaped sample")
+    ap.add_argument("--bucket", type=int, default=26000, help="bucket_size (tokens per micro-batch) of the throughput runs")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"python bench.py gpu: no CUDA device visible to torch {torch.__version__}; run it on a machine with a GPU "
+                 f"(or --device cpu for a dry run of the checks on the CPU path)")
+    if args.warmup >= args.iters:
+        sys.exit(f"python bench.py gpu: --warmup ({args.warmup}) must be below --iters ({args.iters})")
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"bench.py gpu on {name}, torch {torch.__version__}, {dtype} vs an fp64 CPU reference")
+    print("tolerances (relative error ||got - ref|| / ||ref||): " + ", ".join(f"{k} {v:.0e}" for k, v in GPU_TOL.items()), flush=True)
+    rows, tput = [], {}
+    checks = [_gpu_kernel_checks, _gpu_ring_checks, _gpu_model_check]
+    if dev.type == "cuda":
+        checks.insert(2, _gpu_sync_check)
+    for check in checks:
+        try:
+            check(dev, dtype, rows)
+        except Exception as e:  # one failing path must not hide the others: a failing row, one line
+            rows.append((f"{check.__name__[1:]}: raised", float("nan"), 0.0, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        print(f"  {check.__name__[1:]} done", flush=True)
+    if not args.skip_train:
+        try:
+            _gpu_train_checks(dev, rows, tput, args)
+        except (Exception, SystemExit) as e:
+            rows.append(("train: raised", float("nan"), 0.0, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+    print("\n| check | error | tolerance | ok | detail |\n|---|---|---|---|---|")
+    failed = 0
+    for check, err, tol, detail in rows:
+        ok = err <= tol  # NaN (non-finite results, an exception) fails
+        failed += not ok
+        print(f"| {check} | {err:.1e} | {tol:.0e} | {'yes' if ok else 'NO'} | {detail} |")
+    if "naive" in tput:
+        c = tput["cfg"]
+        print(f"\ntokens/s, Qwen2.5-0.5B layers (vocabulary: the synthetic data's byte tokenizer's), cp=1, bf16 autocast, synthetic ChatQA2 shape "
+              f"(max_len {args.max_len}), batch_size {c['batch_size']}, bucket_size {c['bucket_size']}, {args.iters - args.warmup} "
+              f"timed steps x {args.reps} runs per policy, alternating; only the packing differs")
+        print("| schedule | tok/s per run | median | micro-batches/step | peak max_memory_allocated | its step's tokens | bucket |")
+        print("|---|---|---|---|---|---|---|")
+        import statistics
+        for p in ("naive", "skrull"):
+            gib, toks, mbs = tput[p + "_mem"]
+            print(f"| {p} | {', '.join(f'{t:,.0f}' for t in tput[p])} | {statistics.median(tput[p]):,.0f} | {mbs:g} | {gib:.1f} GiB | "
+                  f"{toks} | {c['bucket_size']} |")
+        print(f"skrull / naive: {statistics.median(tput['skrull']) / statistics.median(tput['naive']):.2f}x")
+    print(f"\n{len(rows) - failed} of {len(rows)} rows within tolerance")
+    if failed:
+        sys.exit(1)
+
+# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    commands = {"ring": bench_ring, "profile": bench_profile, "e2e": bench_e2e}
+    commands = {"ring": bench_ring, "profile": bench_profile, "e2e": bench_e2e, "gpu": bench_gpu}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python bench.py {{{','.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

@@ -116,3 +116,40 @@ def test_small_bucket_rolls_back(tmp_path, dataset):
     assert all(r["peak_tokens_per_rank"] <= 160 for r in m)
     assert sum(r["rollbacks"] for r in m) > 0
     assert_same_run(ref, m)
+
+
+def test_attention_plan_built_once_per_microbatch(tmp_path, dataset, monkeypatch):
+    """train.py builds one AttnPlan per micro-batch (in load_microbatch, from CPU lists) and every layer
+    shares it: building one per layer would read the offsets back from the GPU in every layer. Runs
+    train.py in this process so the plan constructor and the model's forward can be counted."""
+    import runpy
+    import context_parallel
+    import model
+    built, forwards = [], []
+    init, forward = context_parallel.AttnPlan.__init__, model.Transformer.forward
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    def counting_forward(self, *args, **kwargs):
+        forwards.append(1)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(context_parallel.AttnPlan, "__init__", counting_init)
+    monkeypatch.setattr(model.Transformer, "forward", counting_forward)
+    args = dict(out_dir=str(tmp_path), dataset=dataset, batch_size=8, bucket_size=400, max_iters=2,
+                checkpoint_interval=0, device="cpu", dtype="float32")
+    monkeypatch.setattr(sys, "argv", ["train.py", "config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in args.items()])
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    m = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert len(forwards) == sum(r["n_microbatches"] for r in m) > 2  # one forward per micro-batch
+    assert len(built) == len(forwards), f"{len(built)} plans for {len(forwards)} micro-batches of a 4-layer model"
+
+
+def test_bench_gpu_without_cuda_says_so_in_one_line():
+    """`python bench.py gpu` where torch sees no GPU: exit 1 with one line, not a traceback."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr
