@@ -22,6 +22,26 @@ Skrull's DACP (paper section 4.1): a micro-batch has distributed sequences (ring
 ones kept whole on one rank. `dacp_attention` computes the local ones while the ring's P2P is in
 flight, one slice per ring step, so rank time ~ max(T_comm, T_local) + T_dist / W.
 
+The step structure (forward and backward alike; scheduler.CostModel follows it), for step = 0..W-1:
+    1. post the next hop (K/V; in backward also the dK/dV accumulators) on the side stream,
+    2. compute this step's slice of the local sequences,
+    3. compute the ring block for the K/V held now and merge it,
+    4. wait for the hop.
+Without distributed sequences there is one step, no hop, and all local sequences in one kernel call.
+
+One kernel path. `_attn_fwd` / `_attn_bwd` (pure functions: no communication, no state) compute
+every ring block and every local slice, and model.varlen_attention calls the same path: on CUDA one
+flash varlen call per block, on CPU an exact per-sequence loop.
+
+A plan per micro-batch. `AttnPlan` holds everything that depends only on the offsets (kernel
+offsets on the device, max lengths, row indices, local slices), built once from CPU lists (train.py's
+load_microbatch) and shared by every layer, so no layer reads offsets back from the GPU.
+`attention(q, k, v, plan)` runs it; `ring_attention` / `dacp_attention` build one per call.
+
+In-process ring. `emulated_attention` runs W ranks in one process through the same loop and
+kernels, the hop handed over in memory: the CUDA kernels can be checked on one GPU, and CPU tests
+need no processes. The gloo tests still check the real P2P.
+
 Numerics: block outputs are merged in fp32 by log-sum-exp; dq and the circulating dK/dV
 accumulators stay fp32 until the very end (ring-flash-attention rounds them to bf16 per step,
 which makes the backward error grow with W).

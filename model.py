@@ -5,7 +5,8 @@ The pieces, in the order they appear:
     ModelConfig       hyperparameters; from_hf() reads a Hugging Face config.json
     RMSNorm           x / rms(x) * weight, normalised in fp32
     RoPE              rotary positions, Hugging Face "rotate-half" layout, base rope_theta
-    varlen_attention  THE attention seam: causal attention over packed variable-length sequences
+    varlen_attention  THE attention seam: causal attention over packed variable-length sequences,
+                      through the kernels of context_parallel.py (the same that compute ring blocks)
     Attention         grouped-query attention (GQA); q/k/v projections have a bias, o_proj has none
     MLP               SwiGLU: down(silu(gate(x)) * up(x))
     Block             pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
