@@ -3,7 +3,7 @@ Benchmarks, one file, one subcommand each:
 
     python bench.py ring      # ring attention vs single-process attention (context_parallel.py)
     python bench.py profile   # measure the cost model's constants on this device -> JSON
-    python bench.py e2e       # end-to-end tokens/s of naive vs sorted vs skrull (train.py)
+    python bench.py e2e       # every policy end to end (train.py), measured vs CostModel's prediction
     python bench.py gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
 """
 import statistics
@@ -252,8 +252,9 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
                 dist.send(buf, 0)
         sync()
         out.append({"bytes": n, "seconds": (time.perf_counter() - t0) / reps / 2})
-    # the same 2 processes as a CP group: model forward+backward with every sequence distributed (ring),
-    # to measure the fixed cost per sequence per ring step (b_ring), which the ring pays cp times
+    # the same 2 processes as a CP group: model forward+backward with every sequence distributed (ring)
+    # and DACP micro-batches (one distributed sequence + local ones on each rank), each timed with the
+    # real ring and with its hops replaced by no-ops: the difference is the communication left exposed
     cp_out = []
     if cp_opts is not None:
         import itertools
@@ -264,7 +265,19 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
         cfg = PRESETS[cp_opts["model"]]
         model = Transformer(cfg).to(dev)
 
-        def timed(xs, ps, attn):  # median over repeats of forward+backward, the slowest rank's (the ring syncs them)
+        import context_parallel
+
+        def timed(xs, ps, attn):  # {real, compute}: medians of forward+backward, the slowest rank's
+            out = {}
+            post = context_parallel._Ring.post
+            for mode in ("real", "compute"):  # compute: the same loop and kernels, every hop a no-op
+                if mode == "compute":
+                    context_parallel._Ring.post = lambda self, buf, tag: (lambda: buf)
+                out[mode] = timed_once(xs, ps, attn)
+                context_parallel._Ring.post = post
+            return out
+
+        def timed_once(xs, ps, attn):
             ts = []
             for it in range(cp_opts["repeats"] + 1):  # first run: warm-up
                 sync()
@@ -287,7 +300,7 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
             pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
             xs, ps = zigzag_shard(x, cu, rank, world)[None], zigzag_shard(pos, cu, rank, world)[None]
             attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=torch.zeros(1, dtype=torch.int32, device=dev))
-            cp_out.append({"lengths": lens, "seconds": timed(xs, ps, attn)})
+            cp_out.append({"lengths": lens, **timed(xs, ps, attn)})
         # DACP micro-batches: one distributed sequence plus k local ones on every rank, to measure how
         # much of the ring's communication the local compute hides (CostModel.comm_overlap)
         for s, k, sl in cp_opts.get("dacp_points", []):
@@ -300,34 +313,190 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
             xs = torch.cat([zigzag_shard(x[:s], cu, rank, world), x[s:]])[None]
             ps = torch.cat([zigzag_shard(pos[:s], cu, rank, world), pos[s:]])[None]
             attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=cu_loc)
-            cp_out.append({"lengths": [s], "local": loc, "seconds": timed(xs, ps, attn)})
+            cp_out.append({"lengths": [s], "local": loc, **timed(xs, ps, attn)})
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump({"p2p": out, "cp": cp_out}, f)
     dist.destroy_process_group()
 
 
-def bench_profile(argv):
-    """Measure the cost model's constants (scheduler.CostModel) on this device and write them as JSON:
-    a, a_attn, b, c_mb from micro-batches without CP (t = a*F_lin + a_attn*F_attn + b*n_seqs + c_mb);
-    a_ring, b_ring and the ring's hop latency from the same model run as a CP=2 group with every sequence
-    distributed (CPU, or 2 GPUs); all fitted together by non-negative least squares on relative error;
-    t_optim; P2P bandwidth (2-process ping-pong, 1 KB .. 64 MB); memory per token and bucket_size
-    (measured on CUDA; estimated from the config on CPU, where nothing reports peak tensor memory).
-    Timings are the median over --repeats runs (a typical step, as training sees); on a shared machine expect +-15% between profiles.
-        python bench.py profile [--out profile_cpu.json] [--model tiny] [--max_len 8192]
-    then: python train.py config/long_sft_cpu.py --profile=profile_cpu.json"""
-    import argparse
+def _profile_measure(args, cfg, dev, dtype):
+    """Every timing the fit needs: micro-batches without CP (all processes at once), P2P ping-pong, and the
+    same 2 processes as a CP group (all distributed, and DACP), each with real and no-op hops."""
     import json
     import os
     import tempfile
     import numpy as np
     import torch
     import torch.multiprocessing as mp
-    from scipy.optimize import nnls
-    from model import PRESETS
-    from scheduler import CostModel, MicroBatch, activation_bytes_per_token, padded_len
+    points = _profile_lengths_plan(args.max_len)
+    opts = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
+                repeats=args.repeats, points=points)
+    print(f"profiling {args.model} on {args.device} ({dtype}), {args.procs} process(es) x {args.threads} thread(s), "
+          f"{len(points)} micro-batch shapes up to {args.max_len} tokens ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "compute")
+        if args.procs == 1:
+            _profile_compute_worker(0, 1, opts, out_file)
+        else:
+            barrier = mp.get_context("spawn").Barrier(args.procs)
+            mp.spawn(_profile_compute_worker, args=(args.procs, opts, out_file, barrier), nprocs=args.procs)
+        runs = [json.load(open(f"{out_file}.{r}")) for r in range(args.procs)]
+    secs = np.mean([[p["seconds"] for p in r["points"]] for r in runs], axis=0)
+    meas = dict(runs[0], compute=[{"lengths": p["lengths"], "seconds": float(t)} for p, t in zip(runs[0]["points"], secs)],
+                t_optim=float(np.mean([r["t_optim"] for r in runs])))
+    backend = "nccl" if dev.type == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+    sizes = [1 << e for e in range(10, 21 + (args.max_p2p_mb.bit_length() - 1), 2)]
+    cp_opts = None
+    if dev.type == "cpu" or backend == "nccl":  # one GPU: no CP group to time
+        cp_pts = [(s, k) for s, k in points if (k in (1, 4) and s >= 64 or k == 16) and s * k <= max(4096, args.max_len // 2)]
+        dacp_pts = [(s, k, sl) for s in (256, 1024, 2048) for k, sl in ((4, 64), (8, 128), (2, 512))]
+        cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats, dacp_points=dacp_pts)
+    print(f"P2P ping-pong ({backend}) and CP=2 micro-batches (real ring and no-op hops) ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "p2p.json")
+        mp.spawn(_profile_p2p_worker, args=(2, os.path.join(tmp, "init"), backend, sizes, out_file, cp_opts), nprocs=2)
+        got = json.load(open(out_file))
+    meas.update(p2p=got["p2p"], cp=got["cp"], backend=backend)
+    return meas
 
+
+FIT = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")  # the compute constants, fitted together
+
+
+def _profile_plan(m, W=2):
+    """A profile measurement -> (MicroBatch, lengths) as CostModel sees it; the CP runs are symmetric,
+    so rank 0's predicted time stands for every rank."""
+    from scheduler import MicroBatch
+    if "local" in m:  # DACP: one distributed sequence, the same local ones on every rank
+        k = len(m["local"])
+        return MicroBatch([0], [list(range(1 + k * j, 1 + k * (j + 1))) for j in range(W)]), m["lengths"] + m["local"] * W
+    if "real" in m:  # CP, every sequence distributed
+        return MicroBatch(list(range(len(m["lengths"]))), [[] for _ in range(W)]), m["lengths"]
+    return MicroBatch([], [list(range(len(m["lengths"])))]), m["lengths"]
+
+
+def _predict(cm, m):
+    mb, lengths = _profile_plan(m)
+    return cm.rank_times(mb, lengths)[0]
+
+
+def _profile_fit(cfg, meas, comm_bytes):
+    """The cost model's constants from the profile's own runs, in two steps.
+    1. compute: without communication CostModel.rank_time is linear in FIT, so one non-negative least-
+       squares fit (relative error: short micro-batches count as much as long ones) over the runs without
+       CP and the CP runs with no-op hops. Each column is the model's prediction with that constant = 1.
+    2. communication: bandwidth from the ping-pong; the hop latency under load and comm_overlap by a grid
+       search on the real CP runs (all distributed, DACP), compute constants fixed: the share of each
+       hop that the step's compute hides is measured, not assumed."""
+    import numpy as np
+    from scipy.optimize import nnls
+    from scheduler import CostModel
+    pb = np.array([p["bytes"] for p in meas["p2p"]], dtype=float)
+    ps = np.array([p["seconds"] for p in meas["p2p"]])
+    (lat0, inv_bw), _ = nnls(np.stack([np.ones_like(pb), pb], 1) / ps[:, None], np.ones_like(ps))
+    bw = float(1 / inv_bw) if inv_bw > 0 else 1e12
+    zero = dict.fromkeys(FIT, 0.0)
+    nocomm = dict(p2p_latency=0.0, p2p_bandwidth=1e30, comm_overlap=0.0, comm_bytes=comm_bytes)
+    runs = meas["compute"] + [dict(m, seconds=m["compute"]) for m in meas["cp"]]
+    X = np.array([[_predict(CostModel(cfg, {**zero, **nocomm, k: 1.0}), m) for k in FIT] for m in runs])
+    y = np.array([m["seconds"] for m in runs])
+    coef, _ = nnls(X / y[:, None], np.ones_like(y))
+    fit = dict(zip(FIT, (float(x) for x in coef)), p2p_bandwidth=bw, comm_bytes=comm_bytes)
+    real = [dict(m, seconds=m["real"]) for m in meas["cp"]]
+    best = (np.inf, float(lat0), 1.0)
+    if real:
+        for lat in np.concatenate([[0.0], np.geomspace(1e-6, 1e-2, 81)]):
+            for o in np.linspace(0, 1, 21):
+                cm = CostModel(cfg, {**fit, "p2p_latency": float(lat), "comm_overlap": float(o)})
+                err = float(np.mean([abs(_predict(cm, m) / m["seconds"] - 1) for m in real]))
+                if err < best[0]:
+                    best = (err, float(lat), float(o))
+    fit.update(p2p_latency=best[1], comm_overlap=best[2], p2p_pingpong_latency=float(lat0))
+    return fit
+
+
+def _profile_report(cfg, meas, fit):
+    """Prints every profiled run beside the fitted model; returns the relative errors."""
+    import numpy as np
+    from scheduler import CostModel
+    cm = CostModel(cfg, fit)
+    print(f"\n{'micro-batch':>26s} {'measured ms':>12s} {'model ms':>9s} {'err':>6s}")
+    errs = {"no CP": [], "CP=2, no-op hops": [], "CP=2": []}
+    nocomm = CostModel(cfg, {**fit, "p2p_latency": 0.0, "p2p_bandwidth": 1e30})
+    for m in meas["compute"] + [dict(m, seconds=m[mode], mode=mode) for m in meas["cp"] for mode in ("compute", "real")]:
+        what = "no CP" if "mode" not in m else ("CP=2, no-op hops" if m["mode"] == "compute" else "CP=2")
+        pred = _predict(nocomm if m.get("mode") == "compute" else cm, m)
+        errs[what].append(pred / m["seconds"] - 1)
+        ls = m["lengths"]
+        desc = f"{ls[0]}..{ls[-1]} x{len(ls)}" + (f" + {len(m['local'])} local x {m['local'][0]}" if "local" in m else "")
+        print(f"{desc:>26s} {m['seconds'] * 1e3:12.2f} {pred * 1e3:9.2f} {errs[what][-1] * 100:5.1f}%  {what}")
+    for what, e in errs.items():
+        if e:
+            e = np.abs(e)
+            print(f"{what}: error median {np.median(e) * 100:.1f}% max {e.max() * 100:.1f}% over {len(e)} runs")
+    return {k: [float(x) for x in v] for k, v in errs.items()}
+
+
+def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
+    """The JSON that CostModel.from_profile, train.py --profile and bench.py e2e read."""
+    import json
+    import os
+    import numpy as np
+    import torch
+    from scheduler import activation_bytes_per_token
+    if dev.type == "cuda":  # memory per token and BucketSize C = (device memory - static - beta) / alpha
+        toks = np.array([m["tokens"] for m in meas["mem"]], dtype=float)
+        byts = np.array([m["bytes"] for m in meas["mem"]], dtype=float)
+        alpha, beta = np.polyfit(toks, byts, 1)
+        static, device_memory = float(meas["mem_static"]), float(meas["device_memory"])
+        mem_note = "measured: torch.cuda.max_memory_allocated, linear fit over the k=1 points"
+        usable = 0.9 * device_memory  # leave 10% for the allocator's fragmentation and NCCL buffers
+    else:
+        alpha, beta = float(activation_bytes_per_token(cfg, 4)), 0.0
+        static = 16.0 * meas["n_params"]  # fp32 weights, grads, AdamW m and v
+        device_memory = (args.mem_gb * 1e9 if args.mem_gb else
+                         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / args.procs)
+        usable = device_memory
+        mem_note = "estimated from the config (scheduler.activation_bytes_per_token, fp32); CPU has no peak counter"
+    bucket = int((usable - static - beta) / alpha)
+    prof = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "dtype": dtype, "procs": args.procs, "threads": args.threads, "torch": torch.__version__,
+        "model": {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                                               "intermediate_size", "tie_embeddings")},
+        **fit, "t_optim": meas["t_optim"], "grad_bytes": 4, "p2p_backend": meas["backend"],
+        "mem_per_token": float(alpha), "mem_beta": float(beta), "mem_static": static,
+        "device_memory": device_memory, "bucket_size": bucket, "mem_note": mem_note, "fit_errors": errs,
+        "measurements": {k: meas[k] for k in ("compute", "p2p", "cp", "mem")},
+    }
+    with open(path, "w") as f:
+        json.dump(prof, f, indent=1)
+    gf = lambda a: f"{1 / a / 1e9:.1f} GFLOP/s" if a else "inf"  # noqa: E731
+    print(f"\na = {fit['a']:.3e} s/FLOP ({gf(fit['a'])}, linear)   a_attn = {fit['a_attn']:.3e} ({gf(fit['a_attn'])}, "
+          f"local attention)   a_ring = {fit['a_ring']:.3e} ({gf(fit['a_ring'])}, ring blocks)")
+    print(f"b_call = {fit['b_call'] * 1e6:.1f} us/attention call/layer/pass   b_seq = {fit['b_seq'] * 1e6:.1f} us/sequence in a call   "
+          f"c_mb = {fit['c_mb'] * 1e3:.3f} ms/micro-batch   t_optim = {meas['t_optim'] * 1e3:.2f} ms")
+    print(f"P2P ({meas['backend']}): ping-pong latency {fit['p2p_pingpong_latency'] * 1e6:.1f} us, bandwidth "
+          f"{fit['p2p_bandwidth'] / 1e9:.2f} GB/s; in the ring: hop latency {fit['p2p_latency'] * 1e6:.0f} us, "
+          f"comm_overlap {fit['comm_overlap']:.2f} (share of a hop hidden behind the step's compute)")
+    print(f"memory: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of {device_memory / 2**30:.1f} GiB "
+          f"-> bucket_size {bucket} tokens ({mem_note})")
+    print(f"wrote {path}")
+
+
+def bench_profile(argv):
+    """Measure the cost model's constants (scheduler.CostModel) on this device and write them as JSON:
+    measure (_profile_measure), fit (_profile_fit: compute constants by least squares, then hop latency
+    and comm_overlap on the real CP runs), report every run beside the model, write (_profile_write).
+    Memory per token and bucket_size are measured on CUDA and estimated from the config on CPU, where
+    nothing reports peak tensor memory. Timings are medians over --repeats runs; on a shared machine
+    expect +-15% between profiles.
+        python bench.py profile [--out profile_cpu.json] [--model tiny] [--max_len 8192]
+    then: python train.py config/long_sft_cpu.py --profile=profile_cpu.json"""
+    import argparse
+    import torch
+    from model import PRESETS
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="python bench.py profile")
     ap.add_argument("--out", default=f"profile_{'cuda' if cuda else 'cpu'}.json")
@@ -345,153 +514,10 @@ def bench_profile(argv):
     dev = torch.device(args.device)
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
     cfg = PRESETS[args.model]
-
-    # 1. compute: forward+backward of packed micro-batches, all processes at once
-    points = _profile_lengths_plan(args.max_len)
-    opts = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
-                repeats=args.repeats, points=points)
-    print(f"profiling {args.model} on {args.device} ({dtype}), {args.procs} process(es) x {args.threads} thread(s), "
-          f"{len(points)} micro-batch shapes up to {args.max_len} tokens ...", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "compute")
-        if args.procs == 1:
-            _profile_compute_worker(0, 1, opts, out_file)
-        else:
-            barrier = mp.get_context("spawn").Barrier(args.procs)
-            mp.spawn(_profile_compute_worker, args=(args.procs, opts, out_file, barrier), nprocs=args.procs)
-        runs = [json.load(open(f"{out_file}.{r}")) for r in range(args.procs)]
-    res = runs[0]
-    secs = np.mean([[p["seconds"] for p in r["points"]] for r in runs], axis=0)
-    lens = [p["lengths"] for p in res["points"]]
-    t_optim = float(np.mean([r["t_optim"] for r in runs]))
-
-    # 2. memory per token and BucketSize C = (device memory - static - beta) / alpha
-    if dev.type == "cuda":
-        toks = np.array([m["tokens"] for m in res["mem"]], dtype=float)
-        byts = np.array([m["bytes"] for m in res["mem"]], dtype=float)
-        alpha, beta = np.polyfit(toks, byts, 1)
-        static, device_memory = float(res["mem_static"]), float(res["device_memory"])
-        mem_note = "measured: torch.cuda.max_memory_allocated, linear fit over the k=1 points"
-        usable = 0.9 * device_memory  # leave 10% for the allocator's fragmentation and NCCL buffers
-    else:
-        alpha, beta = float(activation_bytes_per_token(cfg, 4)), 0.0
-        static = 16.0 * res["n_params"]  # fp32 weights, grads, AdamW m and v
-        device_memory = (args.mem_gb * 1e9 if args.mem_gb else
-                         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / args.procs)
-        usable = device_memory
-        mem_note = "estimated from the config (scheduler.activation_bytes_per_token, fp32); CPU has no peak counter"
-    bucket = int((usable - static - beta) / alpha)
-
-    # 3. P2P latency and bandwidth (2 processes; gloo on CPU, nccl when 2 GPUs are visible), then the
-    # same 2 processes as a CP group timing micro-batches whose sequences are all distributed
-    backend = "nccl" if dev.type == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
-    sizes = [1 << e for e in range(10, 21 + (args.max_p2p_mb.bit_length() - 1), 2)]
-    cp_opts = None
-    if dev.type == "cpu" or backend == "nccl":  # one GPU: no CP group to time; b_ring = b
-        cp_pts = [(s, k) for s, k in points if (k in (1, 4) and s >= 64 or k == 16) and s * k <= max(4096, args.max_len // 2)]
-        dacp_pts = [(s, k, sl) for s in (256, 1024, 2048) for k, sl in ((4, 64), (8, 128), (2, 512))]
-        cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats, dacp_points=dacp_pts)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "p2p.json")
-        mp.spawn(_profile_p2p_worker, args=(2, os.path.join(tmp, "init"), backend, sizes, out_file, cp_opts), nprocs=2)
-        got = json.load(open(out_file))
-    p2p, cp_meas = got["p2p"], [m for m in got["cp"] if "local" not in m]
-    dacp_meas = [m for m in got["cp"] if "local" in m]
-    pb = np.array([p["bytes"] for p in p2p], dtype=float)
-    ps = np.array([p["seconds"] for p in p2p])
-    (lat, inv_bw), _ = nnls(np.stack([np.ones_like(pb), pb], 1) / ps[:, None], np.ones_like(ps))
-    bw = float(1 / inv_bw) if inv_bw > 0 else 1e12
-
-    # 4. one non-negative least-squares fit (relative error: short micro-batches count as much as long
-    # ones) of every constant to every timing:
-    #   no CP:  t = a F_lin + a_attn F_attn + b k + c_mb                              (k sequences)
-    #   CP=W:   t = (a F_lin + a_ring F_attn) / W + c_mb + n_layer (3W-2) lat_ring + k W b_ring + bytes/bw
-    # a_ring: the ring's attention blocks (rectangular, merged in fp32) run at their own speed; lat_ring
-    # (a ring hop while compute competes for the cores) replaces the idle ping-pong latency; b_ring is
-    # the fixed cost per distributed sequence per ring step (CostModel.t_dist, t_comm).
-    W, comm_bytes = 2, 2 if dtype == "bfloat16" else 4
-    cm = CostModel(cfg, dict(p2p_latency=0.0, p2p_bandwidth=bw, comm_bytes=comm_bytes))
-    rows, ys = [], []
-    for ls, t in zip(lens, secs):
-        rows.append([cm.lin_flops * sum(ls), cm.attn_flops * sum(s * s for s in ls), len(ls), 1.0, 0.0, 0.0, 0.0])
-        ys.append(t)
-    for m in cp_meas:
-        ls = [padded_len(s, W) for s in m["lengths"]]
-        rows.append([cm.lin_flops * sum(ls) / W, 0.0, 0.0, 1.0, cm.n_layer * (3 * W - 2), len(ls) * W,
-                     cm.attn_flops * sum(s * s for s in ls) / W])
-        ys.append(m["seconds"] - cm.t_comm(m["lengths"], W))  # the bandwidth part (latency is fitted)
-    X, ys = np.array(rows), np.array(ys)
-    if not cp_meas:
-        X = X[:, :4]
-    wt = 1.0 / np.array(list(secs) + [m["seconds"] for m in cp_meas])
-    coef, _ = nnls(X * wt[:, None], ys * wt)
-    a, a_attn, b, c_mb = (float(x) for x in coef[:4])
-    lat_ring, b_ring, a_ring = (float(coef[4]), float(coef[5]), float(coef[6])) if cp_meas else (float(lat), None, None)
-    fit = dict(a=a, a_attn=a_attn, a_ring=a_ring, b=b, b_ring=b_ring, c_mb=c_mb, p2p_latency=lat_ring,
-               p2p_bandwidth=bw, comm_bytes=comm_bytes)
-    cm = CostModel(cfg, fit)
-    print(f"\n{'tokens':>16s} {'seqs':>4s} {'measured ms':>12s} {'model ms':>9s} {'err':>6s}")
-    rel, cp_rel = [], []
-    for ls, t in zip(lens, secs):
-        pred = cm.c_mb + sum(cm.t_local(s) for s in ls)
-        rel.append(pred / t - 1)
-        print(f"{ls[0]:>7d}..{ls[-1]:<7d}{len(ls):>4d} {t * 1e3:12.2f} {pred * 1e3:9.2f} {rel[-1] * 100:5.1f}%")
-    for m in cp_meas:
-        pred = max(cm.rank_times(MicroBatch(list(range(len(m["lengths"]))), [[] for _ in range(W)]), m["lengths"]))
-        cp_rel.append(pred / m["seconds"] - 1)
-        print(f"{m['lengths'][0]:>7d}..{m['lengths'][-1]:<7d}{len(m['lengths']):>4d} {m['seconds'] * 1e3:12.2f} "
-              f"{pred * 1e3:9.2f} {cp_rel[-1] * 100:5.1f}%  CP={W}, all distributed")
-    # comm_overlap: the share of T_comm hidden behind local compute, the one constant the DACP
-    # micro-batches add; a grid search on relative error with every other constant fixed
-    if dacp_meas:
-        def dacp_pred(m, o):
-            cm.comm_overlap = o
-            ls = m["lengths"] + m["local"] + m["local"]
-            k = len(m["local"])
-            mb = MicroBatch([0], [list(range(1, 1 + k)), list(range(1 + k, 1 + 2 * k))])
-            return max(cm.rank_times(mb, ls))
-        grid = np.linspace(0, 1, 21)
-        errs = [np.mean([abs(dacp_pred(m, o) / m["seconds"] - 1) for m in dacp_meas]) for o in grid]
-        fit["comm_overlap"] = float(grid[int(np.argmin(errs))])
-        for m in dacp_meas:
-            pred = dacp_pred(m, fit["comm_overlap"])
-            cp_rel.append(pred / m["seconds"] - 1)
-            print(f"{m['lengths'][0]:>7d} + {len(m['local'])} x {m['local'][0]:<5d} {m['seconds'] * 1e3:12.2f} {pred * 1e3:9.2f} "
-                  f"{cp_rel[-1] * 100:5.1f}%  CP={W}, DACP: 1 distributed + local on each rank")
-        print(f"comm_overlap = {fit['comm_overlap']:.2f} (share of ring communication hidden behind local compute; "
-              f"mean error {min(errs) * 100:.1f}% vs {errs[-1] * 100:.1f}% at 1.0 and {errs[0] * 100:.1f}% at 0.0)")
-    rel, cp_rel = np.abs(rel), np.abs(cp_rel)
-    print(f"\n{'P2P bytes':>10s} {'one-way us':>11s} {'fit us':>8s}")
-    for n, t in zip(pb, ps):
-        print(f"{int(n):>10d} {t * 1e6:11.1f} {(lat + n * inv_bw) * 1e6:8.1f}")
-
-    prof = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "dtype": dtype, "procs": args.procs, "threads": args.threads, "torch": torch.__version__,
-        "model": {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                                               "intermediate_size", "tie_embeddings")},
-        **fit, "t_optim": t_optim, "grad_bytes": 4, "p2p_backend": backend, "p2p_pingpong_latency": float(lat),
-        "mem_per_token": float(alpha), "mem_beta": float(beta), "mem_static": static,
-        "device_memory": device_memory, "bucket_size": bucket, "mem_note": mem_note,
-        "fit": {"max_rel_err": float(rel.max()), "median_rel_err": float(np.median(rel)),
-                "cp_max_rel_err": float(cp_rel.max()) if len(cp_rel) else None},
-        "measurements": {"compute": [{"lengths": ls, "seconds": float(t)} for ls, t in zip(lens, secs)],
-                         "p2p": p2p, "cp": cp_meas, "memory": res["mem"]},
-    }
-    with open(args.out, "w") as f:
-        json.dump(prof, f, indent=1)
-    print(f"\na = {a:.3e} s/FLOP (linear, {1 / a / 1e9 if a else float('inf'):.1f} GFLOP/s)   "
-          f"a_attn = {a_attn:.3e} s/FLOP ({1 / a_attn / 1e9 if a_attn else float('inf'):.1f} GFLOP/s)")
-    print(f"b = {b * 1e3:.3f} ms/sequence   c_mb = {c_mb * 1e3:.3f} ms/micro-batch   t_optim = {t_optim * 1e3:.2f} ms   "
-          f"fit error median {np.median(rel) * 100:.1f}% max {rel.max() * 100:.1f}%")
-    print(f"ring: a_ring = {a_ring:.3e} s/FLOP ({1 / a_ring / 1e9 if a_ring else float('inf'):.1f} GFLOP/s), "
-          f"b_ring = {b_ring * 1e3:.3f} ms/distributed sequence/step, hop latency {lat_ring * 1e6:.0f} us, "
-          f"CP={W} error median {np.median(cp_rel) * 100:.1f}% max {cp_rel.max() * 100:.1f}%" if cp_meas else
-          "ring: not measured (one GPU): a_ring = a_attn, b_ring = b, hop latency = ping-pong latency")
-    print(f"P2P ({backend}): ping-pong latency {lat * 1e6:.1f} us, bandwidth {1 / inv_bw / 1e9 if inv_bw > 0 else float('inf'):.2f} GB/s")
-    print(f"memory: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of {device_memory / 2**30:.1f} GiB "
-          f"-> bucket_size {bucket} tokens ({mem_note})")
-    print(f"wrote {args.out}")
+    meas = _profile_measure(args, cfg, dev, dtype)
+    fit = _profile_fit(cfg, meas, 2 if dtype == "bfloat16" else 4)
+    errs = _profile_report(cfg, meas, fit)
+    _profile_write(args.out, args, cfg, dev, dtype, meas, fit, errs)
 
 # -----------------------------------------------------------------------------
 # e2e
@@ -517,74 +543,99 @@ def _train_run(out_dir, nproc, overrides):
 
 
 def bench_e2e(argv):
-    """End-to-end tokens/s of naive vs sorted vs skrull: train.py with 2 gloo processes (1 thread each)
-    in two layouts, dp=2 x cp=1 (GDS balances DP ranks) and dp=1 x cp=2 (DACP local vs distributed),
-    on a long-tail and a bimodal synthetic set (paper Table 1 shapes, scaled). The three policies run
-    alternately on the same global batches (same seed), with the same kernels and code path: only the
-    plan differs. Beside each measured speedup: the cost model's prediction for the same batches from
-    the profiled constants, and the bound for the best possible plan (scheduler.ideal_step_time).
-        python bench.py e2e [--profile profile_cpu.json] [--iters 12] [--reps 2]"""
+    """End to end, measured against the cost model: train.py with 2 gloo processes (1 thread each) in two
+    layouts, dp=2 x cp=1 (GDS balances DP ranks) and dp=1 x cp=2 (DACP local vs distributed), on a
+    long-tail and a bimodal synthetic set (paper Table 1 shapes, scaled), every policy on the same global
+    batches (same seed) with the same kernels and code path: only the plan differs. The policies run
+    interleaved, rep after rep in alternating order, so they see the same machine noise; each step's
+    time is the median over reps. Beside it: CostModel's prediction for that step's plan from the
+    profile (fitted on the profile's own runs, never on these).
+        python bench.py e2e [--profile profile_cpu.json] [--iters 8] [--reps 2] [--policies naive,skrull,skrull_plus]"""
     import argparse
     import os
     import tempfile
     import numpy as np
     from data.prepare import global_batch, load_dataset
     from data.synthetic import make_synthetic
-    from scheduler import CostModel, schedule
+    from scheduler import POLICIES, CostModel, schedule
 
     ap = argparse.ArgumentParser(prog="python bench.py e2e")
     ap.add_argument("--profile", default="profile_cpu.json", help="made by `python bench.py profile` if missing")
-    ap.add_argument("--iters", type=int, default=12, help="optimizer steps per run")
+    ap.add_argument("--iters", type=int, default=8, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
-    ap.add_argument("--reps", type=int, default=2, help="runs per cell, alternating the policies")
+    ap.add_argument("--reps", type=int, default=2, help="runs per policy and cell, interleaved")
     ap.add_argument("--batch_size", type=int, default=16, help="sequences per DP rank per step")
+    ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
+    policies = args.policies.split(",")
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or args.iters <= args.warmup or args.reps < 1 or args.batch_size < 1:
+        raise SystemExit(f"bench.py e2e: need known policies ({', '.join(POLICIES)}; got {', '.join(bad) or 'ok'}), "
+                         f"iters > warmup, reps >= 1, batch_size >= 1")
     if not os.path.exists(args.profile):
         print(f"{args.profile} not found: profiling this machine first", flush=True)
         bench_profile(["--out", args.profile])
     cost = CostModel.from_profile(None, args.profile)
-    policies = ("naive", "sorted", "skrull")
     # (name, Table 1 shape, max_len = bucket_size): the long-tail set at the CPU config's 8192 tokens,
     # the bimodal one at 4096 (its mean sample is 10x longer, so steps are 10x dearer)
     sets = (("long-tail", "wikipedia", 8192), ("bimodal", "chatqa2", 4096))
     layouts = ((2, 1), (1, 2))
-    rows = []
+    steps = list(range(args.warmup, args.iters))
+    cells = []
     tmp = tempfile.mkdtemp(prefix="skrull_e2e_")  # kept: run logs for inspection
     for label, shape, max_len in sets:
         data = make_synthetic(os.path.join(tmp, shape), dist=shape, n=2000, max_len=max_len, seed=0, verbose=False)
         ds = load_dataset(data)
         for dp, cp in layouts:
-            n_global = dp * args.batch_size
-            steps = range(args.warmup, args.iters)
-            batches = [[int(ds.lengths[i]) for i in global_batch(len(ds), n_global, it, args.seed)] for it in steps]
-            pred = {p: sum(cost.predict_step_time(schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost,
-                                                           seed=args.seed + it), b) for it, b in zip(steps, batches))
+            batches = [[int(ds.lengths[i]) for i in global_batch(len(ds), dp * args.batch_size, it, args.seed)] for it in steps]
+            pred = {p: np.array([cost.predict_step_time(schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost,
+                                                                 seed=args.seed + it), b) for it, b in zip(steps, batches)])
                     for p in policies}
-            bound = sum(cost.ideal_step_time(b, dp, cp, max_len) for b in batches)
-            secs, toks = dict.fromkeys(policies, 0.0), dict.fromkeys(policies, 0)
+            meas = {p: [] for p in policies}  # per rep: the timed steps' seconds
             for rep in range(args.reps):
-                for p in (policies if rep % 2 == 0 else policies[::-1]):  # alternate the order too
+                for p in (policies if rep % 2 == 0 else policies[::-1]):
                     m = _train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
                         dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
                         max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile))
-                    secs[p] += sum(r["dt_ms"] for r in m[args.warmup:]) / 1e3
-                    toks[p] += sum(r["tokens"] for r in m[args.warmup:])
-                    print(f"  {label} dp={dp} cp={cp} {p:6s} rep {rep}: {toks[p] / secs[p]:,.0f} tok/s so far", flush=True)
-            tps = {p: toks[p] / secs[p] for p in policies}
-            rows.append((label, f"{dp}x{cp}", tps, {p: tps["skrull"] / tps[p] for p in ("naive", "sorted")},
-                         {p: pred[p] / pred["skrull"] for p in ("naive", "sorted")}, pred["naive"] / bound))
-    print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {args.iters - args.warmup} timed steps x {args.reps} runs "
-          f"per cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel with {args.profile}")
-    print("| data | dp x cp | naive tok/s | sorted tok/s | skrull tok/s | skrull/naive measured | predicted | "
-          "skrull/sorted measured | predicted | best possible plan / naive (predicted) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+                    meas[p].append(np.array([r["dt_ms"] / 1e3 for r in m[args.warmup:]]))
+                print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in policies), flush=True)
+            cells.append((label, dp, cp, pred, {p: np.array(v) for p, v in meas.items()}))
+
+    print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {len(steps)} timed steps x {args.reps} interleaved runs "
+          f"per policy and cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel "
+          f"with {args.profile}; a step's measured time is its median over the runs")
+    print("\nper step (ms, median over the timed steps of the per-step values) and per-step error |pred/meas - 1|:")
+    print("| data | dp x cp | policy | measured ms/step | spread over runs | predicted ms/step | median per-step error |")
+    print("|---|---|---|---|---|---|---|")
+    all_err = []
+    for label, dp, cp, pred, meas in cells:
+        for p in policies:
+            per_step = np.median(meas[p], axis=0)
+            err = np.abs(pred[p] / per_step - 1)
+            all_err += list(err)
+            run_tot = meas[p].sum(axis=1) / len(steps)
+            print(f"| {label} | {dp}x{cp} | {p} | {np.median(per_step) * 1e3:.1f} | {run_tot.min() * 1e3:.1f}-{run_tot.max() * 1e3:.1f} "
+                  f"| {np.median(pred[p]) * 1e3:.1f} | {np.median(err) * 100:.0f}% |")
+    print(f"median absolute per-step error over every step, policy and cell: {np.median(all_err) * 100:.1f}% "
+          f"(mean {np.mean(all_err) * 100:.1f}%, max {np.max(all_err) * 100:.0f}%)")
+    pairs = [(a, b) for a, b in (("skrull_plus", "skrull"), ("skrull_plus", "naive"), ("skrull", "naive"),
+                                 ("skrull_plus", "sorted"), ("skrull_plus", "dacp")) if a in policies and b in policies]
+    print("\nspeedups (time of the second policy / time of the first, summed over the timed steps); spread = min-max over "
+          "the runs paired by rep:")
+    print("| data | dp x cp | " + " | ".join(f"{a} vs {b}: measured (spread) / predicted" for a, b in pairs) + " |")
+    print("|---|---|" + "---|" * len(pairs))
     worst = 0.0
-    for label, layout, tps, meas, pred, best in rows:
-        print(f"| {label} | {layout} | {tps['naive']:,.0f} | {tps['sorted']:,.0f} | {tps['skrull']:,.0f} | "
-              f"{meas['naive']:.2f}x | {pred['naive']:.2f}x | {meas['sorted']:.2f}x | {pred['sorted']:.2f}x | {best:.2f}x |")
-        worst = max(worst, *(abs(pred[p] / meas[p] - 1) for p in ("naive", "sorted")))
-    print(f"largest gap between predicted and measured speedup: {worst * 100:.0f}%")
+    for label, dp, cp, pred, meas in cells:
+        out = []
+        for a, b in pairs:
+            tot = {p: np.median(meas[p], axis=0).sum() for p in (a, b)}
+            m_ratio, p_ratio = tot[b] / tot[a], pred[b].sum() / pred[a].sum()
+            reps = meas[b].sum(axis=1) / meas[a].sum(axis=1)
+            worst = max(worst, abs(p_ratio / m_ratio - 1))
+            out.append(f"{m_ratio:.2f}x ({reps.min():.2f}-{reps.max():.2f}) / {p_ratio:.2f}x")
+        print(f"| {label} | {dp}x{cp} | " + " | ".join(out) + " |")
+    print(f"largest gap between a predicted and a measured speedup: {worst * 100:.0f}%")
 
 # -----------------------------------------------------------------------------
 # gpu

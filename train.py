@@ -45,7 +45,7 @@ synthetic_n = 2000  # number of synthetic samples
 synthetic_max_len = 4096  # longest synthetic sample, in tokens
 # Skrull
 cp = 1  # context-parallel degree; dp = world_size // cp
-schedule = "skrull"  # naive | sorted | dacp | skrull
+schedule = "skrull"  # one of scheduler.POLICIES: naive | sorted | dacp | skrull (the paper) | skrull_plus (ours)
 bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; 0 -> from `profile`
 profile = None  # path to a profile JSON from `python bench.py profile` (cost constants, bucket_size)
 batch_size = 8  # sequences per DP rank per optimizer step

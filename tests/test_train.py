@@ -3,7 +3,7 @@ End-to-end tests of train.py, run as a user runs it (python / torchrun, gloo on 
 - the loss falls on the default synthetic data;
 - a resumed run reproduces the uninterrupted run's losses exactly;
 - the schedule never changes what is computed: per-step losses and the first step's gradients are equal
-  for naive vs skrull, for different bucket sizes (micro-batch splits), and for cp = 1, 2 and 4.
+  for naive vs skrull vs skrull_plus, for different bucket sizes (micro-batch splits), and for cp = 1, 2 and 4.
 """
 import json
 import os
@@ -86,23 +86,25 @@ def test_resume_is_exact(tmp_path, dataset):
 def test_split_and_policy_invariance(tmp_path, dataset):
     """One process: the micro-batch split (bucket size) and the policy change nothing but the plan."""
     base = train(tmp_path / "a", dataset, schedule="naive", batch_size=16, bucket_size=8192, dump_grads=True)
-    for i, (policy, bucket) in enumerate([("skrull", 512), ("sorted", 512), ("naive", 600)]):
+    for i, (policy, bucket) in enumerate([("skrull", 512), ("skrull_plus", 512), ("sorted", 512), ("naive", 600)]):
         other = train(tmp_path / f"b{i}", dataset, schedule=policy, batch_size=16, bucket_size=bucket, dump_grads=True)
         assert_same_run(base, other, grads(tmp_path / "a"), grads(tmp_path / f"b{i}"))
     assert max(r["n_microbatches"] for r in other) > 1  # the small bucket really split the batch
 
 
 def test_dp_policy_equivalence(tmp_path, dataset):
-    """dp=2 x cp=1: naive and skrull (GDS moves sequences between DP ranks) give the same run."""
+    """dp=2 x cp=1: naive, skrull and skrull_plus (both move sequences between DP ranks) give the same run."""
     a = train(tmp_path / "naive", dataset, nproc=2, schedule="naive", dump_grads=True)
-    b = train(tmp_path / "skrull", dataset, nproc=2, schedule="skrull", dump_grads=True)
-    assert_same_run(a, b, grads(tmp_path / "naive"), grads(tmp_path / "skrull"))
+    for policy in ("skrull", "skrull_plus"):
+        b = train(tmp_path / policy, dataset, nproc=2, schedule=policy, dump_grads=True)
+        assert_same_run(a, b, grads(tmp_path / "naive"), grads(tmp_path / policy))
 
 
 def test_cp_equivalence(tmp_path, dataset):
-    """cp = 1, 2, 4 (dp=1) under skrull and naive: ring attention + DACP reproduce single-process training."""
+    """cp = 1, 2, 4 (dp=1) under skrull, skrull_plus and naive: ring attention + DACP reproduce single-process
+    training."""
     ref = train(tmp_path / "cp1", dataset, schedule="skrull", batch_size=8, bucket_size=2048, dump_grads=True)
-    for cp, policy in [(2, "skrull"), (2, "naive"), (4, "skrull")]:
+    for cp, policy in [(2, "skrull"), (2, "skrull_plus"), (2, "naive"), (4, "skrull_plus")]:
         d = tmp_path / f"cp{cp}_{policy}"
         m = train(d, dataset, nproc=cp, cp=cp, schedule=policy, batch_size=8, bucket_size=2048 // cp, dump_grads=True)
         assert_same_run(ref, m, grads(tmp_path / "cp1"), grads(d))

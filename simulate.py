@@ -1,0 +1,293 @@
+"""
+The scheduler off-line: the paper's setups through every policy, the exact optimum on small instances,
+and the scheduling overhead. Pure Python + numpy + scipy (the MILP); no torch.
+
+    python simulate.py             # predicted step times, speedups, bound, overhead, MILP gaps
+    python simulate.py --gap       # only the MILP gaps
+
+Pieces, top to bottom:
+  1. milp                 the best plan for a tiny global batch under scheduler.CostModel (scipy HiGHS)
+  2. optimality gaps      skrull and skrull_plus against it
+  3. simulate             paper Table 1 length distributions, the paper's setups, H100 constants
+"""
+import math
+import sys
+import time
+
+import numpy as np
+
+from scheduler import POLICIES, CostModel, MicroBatch, default_cost, padded_len, schedule
+
+# -----------------------------------------------------------------------------
+# 1. exact optimum of the cost model, for small instances (MILP)
+#
+# CostModel.rank_time is linear in the placement except for two things, each made linear here:
+#  - a ring step takes compute + comm - overlap * min(compute, comm) = max(compute + (1-o) comm,
+#    comm + (1-o) compute): convex, so an epigraph variable u >= both lines is exact at the optimum;
+#  - dacp_attention cuts a rank's local sequences into per-step slices whole (local_slots), which is not
+#    linear. The MILP spreads each rank's local work evenly over the ring steps instead and leaves out
+#    the fixed cost of the local slices' calls. Since a step's time is convex in its compute, the even
+#    spread is the cheapest split, so the MILP's value is a LOWER BOUND on every plan's CostModel time,
+#    and its own plan, scored by CostModel, an upper bound on the best plan: the optimum lies between.
+
+
+def milp(lengths, dp, cp, bucket_size, cost=None, max_mb=None, time_limit=30.0):
+    """Each sequence goes to a DP rank r, a micro-batch slot m < max_mb of it, and either CP rank j
+    (local) or the ring (distributed). Minimise the slowest DP rank's sum over its micro-batches of the
+    micro-batch's slowest CP rank (CostModel.dp_rank_time with sync=True, without t_step).
+    Returns (lower bound, plan) or (inf, None) when nothing fits."""
+    from scipy.optimize import Bounds, LinearConstraint, milp as solve
+    from scipy.sparse import coo_matrix
+    c = cost or default_cost()
+    n, N, R, M, L = len(lengths), cp, dp, max_mb or len(lengths), c.n_layer
+    var = {}
+
+    def v(*key):  # one column per named variable, created on first use
+        return var.setdefault(key, len(var))
+    rows, lo, hi = [], [], []
+
+    def add(row, a, b):
+        rows.append(row), lo.append(a), hi.append(b)
+
+    def plus(*terms):  # sum of {column: coefficient} dicts, each scaled: plus((1.0, d1), (2.0, d2))
+        out = {}
+        for k, d in terms:
+            for col, x in d.items():
+                out[col] = out.get(col, 0.0) + k * x
+        return out
+    sp = [padded_len(s, N) for s in lengths]
+    sh = [x // N for x in sp]
+    a_loc = c.a_attn * c.attn_flops / L                     # s per token^2, one layer, fwd+bwd
+    a_lin = c.a * c.lin_flops
+    kv = 2 * c.h_kv / c.p2p_bandwidth                       # s per share token of a hop, per byte width
+    o = c.comm_overlap
+    for i in range(n):
+        row = {v("x", i, r, m, j): 1 for r in range(R) for m in range(M) for j in range(N)}
+        if N > 1:
+            row.update({v("d", i, r, m): 1 for r in range(R) for m in range(M)})
+        add(row, 1, 1)
+    for r in range(R):
+        for m in range(M):
+            Y = v("y", r, m)
+            if m + 1 < M:
+                add({Y: 1, v("y", r, m + 1): -1}, 0, np.inf)  # use slots in order (symmetry breaking)
+            d = {v("d", i, r, m): 1 for i in range(n)} if N > 1 else {}
+            for i in range(n):
+                add({**{v("x", i, r, m, j): 1 for j in range(N)}, **({v("d", i, r, m): 1} if N > 1 else {}),
+                     Y: -1}, -np.inf, 0)
+                if N > 1:
+                    add({v("d", i, r, m): 1, v("z", r, m): -1}, -np.inf, 0)
+            share = {col: sh[i] for i, col in enumerate(d)} if N > 1 else {}
+            # ring terms, linear in the d's (z: anything distributed), seconds per layer
+            block = plus((c.b_call, {v("z", r, m): 1}), (c.b_seq, d)) if N > 1 else {}
+            ring_attn = {v("d", i, r, m): c.a_ring * c.attn_flops / L * sp[i] ** 2 / N ** 2 for i in range(n)} if N > 1 else {}
+            hop = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * c.comm_bytes, share)) if N > 1 else {}
+            hop32 = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * 4, share)) if N > 1 else {}
+            for j in range(N):
+                x = {v("x", i, r, m, j): 1 for i in range(n)}
+                tok = plus((1, {v("x", i, r, m, j): lengths[i] for i in range(n)}), (1, share))
+                add(tok, -np.inf, bucket_size)
+                if N == 1:  # no ring: one attention call per layer and pass
+                    loc = plus((L * a_loc, {v("x", i, r, m, j): lengths[i] ** 2 for i in range(n)}),
+                               (2 * L * c.b_seq, x), (2 * L * c.b_call, {Y: 1}))
+                    add(plus((c.c_mb, {Y: 1}), (a_lin, tok), (1, loc), (-1, {v("T", r, m): 1})), -np.inf, 0)
+                    continue
+                # one step's compute per pass: the even slice of the local work + the ring block
+                slice_ = plus((a_loc / N, {v("x", i, r, m, j): lengths[i] ** 2 for i in range(n)}))
+                fwd = plus((1 / 3, slice_), (c.b_seq / N, x), (1, block), (1 / 3, ring_attn))
+                bwd = plus((2 / 3, slice_), (c.b_seq / N, x), (1, block), (2 / 3, ring_attn))
+                steps = []
+                for name, comp, comm in (("f", fwd, hop), ("b", bwd, plus((1, hop), (1, hop32))), ("bl", bwd, hop32)):
+                    u = v("u", name, r, m, j)
+                    add(plus((1, comp), ((1 - o), comm), (-1, {u: 1})), -np.inf, 0)
+                    add(plus((1, comm), ((1 - o), comp), (-1, {u: 1})), -np.inf, 0)
+                    steps.append(u)
+                per_layer = plus(((N - 1), {steps[0]: 1}), (1, fwd), ((N - 1), {steps[1]: 1}), (1, {steps[2]: 1}))
+                add(plus((c.c_mb, {Y: 1}), (a_lin, tok), (L, per_layer), (-1, {v("T", r, m): 1})), -np.inf, 0)
+        add({**{v("T", r, m): 1 for m in range(M)}, v("obj"): -1}, -np.inf, 0)
+    integrality = np.array([1 if k[0] in ("x", "d", "y", "z") else 0 for k in var], dtype=int)
+    obj = np.zeros(len(var))
+    obj[var[("obj",)]] = 1.0
+    r_, c_, x_ = zip(*[(i, col, val) for i, row in enumerate(rows) for col, val in row.items()])
+    A = coo_matrix((x_, (r_, c_)), shape=(len(rows), len(var))).tocsr()
+    res = solve(obj, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
+                bounds=Bounds(np.zeros(len(var)), np.where(integrality == 1, 1.0, np.inf)),
+                options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    if res.x is None:
+        return math.inf, None
+    val = np.round(res.x).astype(int)
+    plan = []
+    for r in range(R):
+        mbs = []
+        for m in range(M):
+            mb = MicroBatch([i for i in range(n) if N > 1 and val[var[("d", i, r, m)]]],
+                            [[i for i in range(n) if val[var[("x", i, r, m, j)]]] for j in range(N)])
+            if mb.distributed or any(mb.local):
+                mbs.append(mb)
+        plan.append(mbs)
+    return float(res.fun), plan
+
+# -----------------------------------------------------------------------------
+# 2. optimality gaps
+
+
+def gap_instances(n_instances=12, seed=0, bucket_size=26_000):
+    """Fixed small instances: (lengths, dp, cp, bucket_size). Long-tail lengths around the paper's 0.5B
+    bucket (26K), 5-7 sequences, dp 1 or 2, cp 2 or 4, some too long to stay local."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n_instances:
+        n = int(rng.integers(5, 8))
+        dp, cp = int(rng.choice([1, 2])), int(rng.choice([2, 4]))
+        lengths = [int(x) for x in np.exp(rng.uniform(np.log(256), np.log(1.6 * bucket_size), size=n))]
+        if max(padded_len(s, cp) // cp for s in lengths) <= bucket_size:
+            out.append((lengths, dp, cp, bucket_size))
+    return out
+
+
+def optimality_gaps(instances=None, cost=None, max_mb=3, time_limit=20.0):
+    """For each instance: (MILP lower bound, MILP plan under CostModel, {policy: CostModel time}), every
+    time the slowest DP rank's sum of micro-batch times (sync=True, no optimizer step)."""
+    cost = cost or default_cost()
+    out = []
+    for lengths, dp, cp, C in instances or gap_instances():
+        lb, plan = milp(lengths, dp, cp, C, cost, max_mb=max_mb, time_limit=time_limit)
+        ub = cost.predict_step_time(plan, lengths, sync=True, include_step=False)
+        t = {p: cost.predict_step_time(schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost),
+                                       lengths, sync=True, include_step=False) for p in ("skrull", "skrull_plus")}
+        out.append((lb, ub, t))
+    return out
+
+
+def report_gaps(time_limit=20.0):
+    res = optimality_gaps(time_limit=time_limit)
+    lb = np.array([r[0] for r in res])
+    ub = np.array([r[1] for r in res])
+    print(f"MILP optimum vs the heuristics ({len(res)} fixed instances: 5-7 seqs, DP 1-2, CP 2/4, <= 3 micro-batches "
+          f"per DP rank, C=26K, 0.5B H100 constants; time = slowest DP rank, micro-batches as barriers):")
+    print(f"  MILP bound <= best plan <= MILP plan: the bound is {np.mean(ub / lb - 1) * 100:.1f}% below its own plan on average")
+    for p in ("skrull", "skrull_plus"):
+        t = np.array([r[2][p] for r in res])
+        g, gu = t / lb - 1, t / np.minimum(ub, t) - 1
+        print(f"  {p:11s} gap to the bound: mean {g.mean() * 100:5.1f}% max {g.max() * 100:5.1f}%   "
+              f"to the best plan found (MILP's or its own): mean {gu.mean() * 100:5.1f}% max {gu.max() * 100:5.1f}%")
+
+# -----------------------------------------------------------------------------
+# 3. simulator of the paper's setup
+
+
+SETUPS = [  # (label, model, bucket, dp, cp, batch_size per DP rank, datasets) -- the paper's evaluation
+    ("Qwen2.5-0.5B", "qwen2.5-0.5b", 26_000, 4, 8, 64, ("wikipedia", "lmsys", "chatqa2")),
+    ("Qwen2.5-7B", "qwen2.5-7b", 13_000, 4, 8, 64, ("wikipedia", "lmsys")),
+    ("Qwen2.5-7B", "qwen2.5-7b", 13_000, 2, 16, 40, ("chatqa2",)),
+]
+PAPER = {"0.5b": 5.50, "7b": 2.03, "overall": 3.76, "sorted": 3.45}  # average speedups reported
+
+
+def sample_global_batch(dist, n, rng, max_len):
+    """n lengths from paper Table 1 (data/synthetic.py), unscaled; truncated at max_len = cp*C, the
+    longest sequence the CP group can hold (only LMsysChat1M's 0.01% tail beyond 128K is affected)."""
+    from data.synthetic import sample_lengths
+    return [int(s) for s in np.minimum(sample_lengths(dist, n, rng), max_len)]
+
+
+def plot_loads(path, lengths, plans, cost):
+    """PNG: estimated busy seconds of every rank (DP x CP) for one batch, one panel per policy."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(plans), figsize=(6 * len(plans), 3.5), sharey=True)
+    for ax, (name, plan) in zip(np.atleast_1d(axes), plans.items()):
+        busy = [sum(cost.rank_times(mb, lengths)[j] for mb in mbs) for mbs in plan
+                for j in range(len(mbs[0].local) if mbs else 1)]
+        ax.bar(range(len(busy)), busy)
+        ax.set_title(f"{name}: step {cost.predict_step_time(plan, lengths) * 1e3:.0f} ms (est.)")
+        ax.set_xlabel("rank (DP-major)")
+    np.atleast_1d(axes)[0].set_ylabel("busy time, s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def schedule_overhead(lengths, dp, cp, bucket_size, cost, policy, repeats=30):
+    """Wall times of schedule(...) in seconds, one per repeat."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        schedule(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=policy, cost=cost)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True):
+    print(f"Predicted step time (ms, mean over {n_batches} global batches from paper Table 1 length "
+          f"distributions) under scheduler.CostModel with H100 constants (assumptions: scheduler.H100).")
+    hdr = f"{'model':13s} {'C':>4s} {'DPxCP':>6s} {'BS':>3s} {'dataset':10s} " + \
+          "".join(f"{p:>12s}" for p in POLICIES) + f"{'bound':>9s} {'plus/skrull':>12s} {'worst batch':>12s}"
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(seed)
+    speed = {"0.5b": [], "7b": [], "sorted": []}
+    example = None
+    for label, model, C, dp, cp, bs, datasets in SETUPS:
+        cost = CostModel(model)
+        for ds in datasets:
+            tot = dict.fromkeys(POLICIES, 0.0)
+            bound, ratios = 0.0, []
+            for b in range(n_batches):
+                lengths = sample_global_batch(ds, dp * bs, rng, cp * C)
+                t = {}
+                for p in POLICIES:
+                    plan = schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost, seed=b)
+                    t[p] = cost.predict_step_time(plan, lengths)
+                    tot[p] += t[p] / n_batches
+                bound += cost.ideal_step_time(lengths, dp, cp, C) / n_batches
+                ratios.append(t["skrull_plus"] / t["skrull"])
+                speed["0.5b" if model == "qwen2.5-0.5b" else "7b"].append(t["naive"] / t["skrull"])
+                speed["sorted"].append(t["sorted"] / t["skrull"])
+                if example is None and model == "qwen2.5-0.5b" and ds == "chatqa2":
+                    example = (lengths, dp, cp, C, cost)
+            print(f"{label:13s} {C // 1000:>3d}K {dp:>2d}x{cp:<3d} {bs:>3d} {ds:10s} " +
+                  "".join(f"{tot[p] * 1e3:12.1f}" for p in POLICIES) +
+                  f"{bound * 1e3:9.1f} {(1 - tot['skrull_plus'] / tot['skrull']) * 100:10.1f}% "
+                  f"{(1 - max(ratios)) * 100:10.1f}%")
+    print("-" * len(hdr))
+    print("plus/skrull: how much lower skrull_plus's mean step time is than skrull's; worst batch: the smallest "
+          "per-batch reduction.\nbound: no plan can beat it (perfect balance, communication hidden, no per-call "
+          "cost, fewest micro-batches).")
+    overall = speed["0.5b"] + speed["7b"]
+    print(f"skrull vs naive (DeepSpeed):  0.5B {np.mean(speed['0.5b']):.2f}x (paper {PAPER['0.5b']:.2f}x)   "
+          f"7B {np.mean(speed['7b']):.2f}x (paper {PAPER['7b']:.2f}x)   overall {np.mean(overall):.2f}x "
+          f"(paper {PAPER['overall']:.2f}x)")
+    print(f"skrull vs sorted (LongAlign): overall {np.mean(speed['sorted']):.2f}x (paper {PAPER['sorted']:.2f}x)")
+
+    lengths, dp, cp, C, cost = example
+    plans = {p: schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost) for p in ("naive", "skrull", "skrull_plus")}
+    if png and plot_loads(png, lengths, plans, cost):
+        print(f"per-rank load plot (Qwen2.5-0.5B, chatqa2): {png}")
+    elif png:
+        print("per-rank load plot: skipped (matplotlib is not installed; it is optional)")
+
+    # scheduling overhead: one paper-size global batch, 256 sequences, DP=4, CP=8
+    cost = CostModel("qwen2.5-0.5b")
+    for ds in ("wikipedia", "lmsys", "chatqa2"):
+        lengths = sample_global_batch(ds, 256, np.random.default_rng(seed), 8 * 26_000)
+        for p in ("skrull", "skrull_plus"):
+            ts = np.array(schedule_overhead(lengths, 4, 8, 26_000, cost, p)) * 1e3
+            print(f"scheduling overhead, {p:11s} 256 seqs ({ds:9s}), DP=4 CP=8 C=26K: median {np.median(ts):5.2f} ms "
+                  f"(min {ts.min():.2f}, max {ts.max():.2f}; target <= 10 ms)")
+    if gap:
+        report_gaps()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--gap"]:
+        report_gaps()
+    elif sys.argv[1:]:
+        sys.exit("usage: python simulate.py [--gap]")
+    else:
+        simulate()
