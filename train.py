@@ -11,9 +11,17 @@ One optimizer step = one global batch of `batch_size` sequences per DP rank. Eve
 global batch, computes the same plan with scheduler.schedule (the scheduler is pure and deterministic),
 and loads only its own tokens: its zigzag shards of the micro-batch's distributed sequences plus its
 local sequences. The loss is a sum over this rank's target tokens divided by the global batch's target
-count, so the gradient does not depend on the schedule (DESIGN.md "Equivalence").
+count, so the gradient does not depend on the schedule: the schedule decides which rank computes what,
+never what is computed (tests/test_train.py checks equal losses and gradients across schedules and cp).
+
+Safety: every config value is checked in validate_config() before anything is read or written; a run
+refuses an out_dir that already holds a run unless it resumes it (init_from='resume') or deliberately
+starts over (overwrite=True); resume refuses a config that would change the data order or the model
+(RESUME_MUST_MATCH); a non-finite loss or gradient norm stops the run before the optimizer step, so no
+checkpoint ever holds NaN weights; every step checks that all ranks hold the same batch and plan.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -26,14 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import PRESETS, ModelConfig, Transformer
-from scheduler import CostModel, schedule as make_plan
-
 # -----------------------------------------------------------------------------
 # default config values; override with config/*.py then --key=value (configurator.py)
 # I/O
 out_dir = "out"
-init_from = "scratch"  # 'scratch' | 'resume' | path to a local Hugging Face Qwen2/Qwen2.5 directory
+init_from = "scratch"  # 'scratch' | 'resume' (continue the run in out_dir) | path to a local Hugging Face Qwen2/Qwen2.5 directory
+overwrite = False  # True: a fresh run may replace the checkpoint and metrics of an earlier run in out_dir
 model_preset = "tiny"  # model.PRESETS key, used when init_from='scratch'
 checkpoint_interval = 50  # iters between checkpoints (and always at the end); 0 = never
 log_interval = 1
@@ -61,7 +67,7 @@ beta2 = 0.95
 grad_clip = 1.0  # 0 = off
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA: bfloat16 | float32
 compile = False
 threads = None  # torch.set_num_threads per process on CPU; None -> torch's default
 seed = 1337
@@ -71,8 +77,134 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = {k: globals()[k] for k in _train_keys}  # for logging and checkpoints
 # -----------------------------------------------------------------------------
 
-# distributed: world = dp x cp. CP groups are runs of consecutive ranks so the ring stays inside a node.
+# The config keys a resumed run must keep: they decide the data order (seed, the global batch, the
+# dataset) or the model, so changing them would silently train a different run. Everything else may
+# change on resume: cp, schedule, bucket_size, profile, threads and device change only who computes what
+# (the same losses, tested), and the intervals, max_iters and optimizer settings are the user's to
+# change deliberately. "global_batch_size" is dp * batch_size: dp and batch_size may trade places.
+RESUME_MUST_MATCH = ("seed", "global_batch_size", "dataset", "synthetic_dist", "synthetic_n", "synthetic_max_len",
+                     "model_preset")
+
+
+def die(msg):
+    """End the run with a one-line message (no traceback) and a non-zero exit; only rank 0 prints."""
+    raise SystemExit(f"error: {msg}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+def resume_identity(dp, ds_meta):
+    """The RESUME_MUST_MATCH values of this run. A prepared dataset is identified by its contents' sizes
+    and tokenizer (meta.json), not its path, so a moved directory still resumes; reading all its tokens to
+    hash them would cost minutes on a large set."""
+    got = {k: config[k] for k in RESUME_MUST_MATCH if k in config}
+    got["global_batch_size"] = dp * batch_size
+    if config["dataset"] is not None:  # config keeps the value given; `dataset` later names the synthetic dir
+        got["dataset"] = {k: ds_meta.get(k) for k in ("n_seqs", "n_tokens", "n_trained_tokens", "tokenizer")}
+        for k in ("synthetic_dist", "synthetic_n", "synthetic_max_len"):
+            got[k] = None  # unused with a prepared dataset
+    return got
+
+
+def validate_config(world_size):
+    """Check every config value before anything is read or written (out_dir, the data directory, the
+    checkpoint), so a bad value ends the run here with one line instead of inside the loop. Returns the
+    checkpoint's metadata when resuming (its header only), else None."""
+    from model import PRESETS
+    from scheduler import POLICIES
+    from data.synthetic import MIN_LEN, TABLE1
+    for k in ("batch_size", "max_iters", "log_interval", "cp", "synthetic_n"):
+        if globals()[k] < 1:
+            die(f"{k}={globals()[k]}: must be >= 1")
+    for k in ("checkpoint_interval", "warmup_iters", "bucket_size"):
+        if globals()[k] < 0:
+            die(f"{k}={globals()[k]}: must be >= 0")
+    for k in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+        v = globals()[k]
+        if not math.isfinite(v) or v < 0 or (k == "learning_rate" and v == 0) or (k.startswith("beta") and v >= 1):
+            die(f"{k}={v}: must be finite and " + ("in [0, 1)" if k.startswith("beta") else "> 0" if k == "learning_rate" else ">= 0"))
+    for k in ("threads", "lr_decay_iters"):  # None defaults accept any literal: check the type here
+        v = globals()[k]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            die(f"{k}={v!r}: must be an integer >= 1 (or None for the default)")
+    for k in ("dataset", "profile"):
+        if globals()[k] is not None and not isinstance(globals()[k], str):
+            die(f"{k}={globals()[k]!r}: expected a path")
+    if schedule not in POLICIES:
+        die(f"schedule={schedule!r}: expected one of {', '.join(POLICIES)}")
+    if model_preset not in PRESETS:
+        die(f"model_preset={model_preset!r}: expected one of {', '.join(PRESETS)}")
+    if synthetic_dist not in TABLE1:
+        die(f"synthetic_dist={synthetic_dist!r}: expected one of {', '.join(TABLE1)}")
+    if synthetic_max_len < MIN_LEN:
+        die(f"synthetic_max_len={synthetic_max_len}: must be >= {MIN_LEN} (the shortest synthetic sample)")
+    if dtype == "float16":
+        die("dtype='float16' is not supported: there is no loss scaling here, and gradients of a loss divided by "
+            "the global target count (~1e5 tokens) underflow in fp16. Use bfloat16 (or float32)")
+    if dtype not in ("float32", "bfloat16"):
+        die(f"dtype={dtype!r}: expected bfloat16 or float32")
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        die(f"device={device!r}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"device={device!r} but CUDA is not available here (torch {torch.__version__}); use --device=cpu")
+    if device.startswith("cuda") and dtype != "bfloat16":
+        die(f"dtype={dtype!r} on CUDA: attention runs flash kernels, which need bfloat16 (autocast); use dtype='bfloat16'")
+    if world_size % cp:
+        die(f"world size {world_size} is not divisible by cp={cp}")
+    if not bucket_size and profile is None:
+        die("bucket_size=0 takes the bucket from a profile JSON: give --profile=FILE (python bench.py profile) or a bucket_size")
+    if profile is not None and not os.path.isfile(profile):
+        die(f"profile={profile!r}: no such file (make one with `python bench.py profile`)")
+    if dataset is not None and not os.path.isfile(os.path.join(dataset, "meta.json")):
+        die(f"dataset={dataset!r}: not a prepared dataset directory (make one with data/prepare.py), "
+            f"or leave dataset unset for the synthetic set")
+    if init_from not in ("scratch", "resume"):
+        if os.path.exists(os.path.join(init_from, "ckpt.safetensors")):
+            die(f"init_from={init_from!r} is a training run's out_dir, not a Hugging Face checkpoint: "
+                f"to continue it use --init_from=resume --out_dir={init_from}")
+        if not os.path.isfile(os.path.join(init_from, "config.json")):
+            die(f"init_from={init_from!r}: expected 'scratch', 'resume' or a local Hugging Face Qwen2 directory "
+                f"(config.json + model.safetensors)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"out_dir={out_dir!r} is a file, not a directory")
+    ckpt = os.path.join(out_dir, "ckpt.safetensors")
+    ours = [f for f in ("ckpt.safetensors", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from != "resume":
+        if ours and not overwrite:
+            die(f"out_dir={out_dir!r} already holds a run ({', '.join(ours)}): continue it with --init_from=resume, "
+                f"or start over with --overwrite=True (replaces its checkpoint and metrics)")
+        return None
+    if not os.path.isfile(ckpt):
+        die(f"init_from='resume' but {ckpt} does not exist")
+    from safetensors import safe_open
+    try:
+        with safe_open(ckpt, "pt") as f:  # reads the header only
+            meta = f.metadata() or {}
+    except Exception as e:  # a damaged file: say which one
+        die(f"{ckpt}: cannot read the checkpoint ({e})")
+    if "resume_identity" not in meta:
+        die(f"{ckpt} records no run identity (written by an older train.py), so resume cannot check it continues "
+            f"the same run")
+    if int(meta["iter"]) > max_iters:
+        die(f"max_iters={max_iters} is below the checkpoint's iteration {meta['iter']}: raise max_iters to continue")
+    saved = json.loads(meta["resume_identity"])
+    ds_meta = {}
+    if dataset is not None:
+        with open(os.path.join(dataset, "meta.json")) as f:
+            ds_meta = json.load(f)
+    mine = resume_identity(world_size // cp, ds_meta)
+    diff = [f"{k} {saved.get(k)!r} -> {mine.get(k)!r}" for k in RESUME_MUST_MATCH if saved.get(k) != mine.get(k)]
+    if diff:
+        die(f"resume would not continue the same run; these settings differ from the checkpoint's: {'; '.join(diff)}. "
+            f"Keep them, or start a new run in another out_dir")
+    return meta
+
+
 ddp = int(os.environ.get("RANK", -1)) != -1
+meta_ckpt = validate_config(int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1)
+
+from model import PRESETS, ModelConfig, Transformer  # noqa: E402  (after the configurator: --help lists only config keys)
+from scheduler import CostModel, schedule as make_plan  # noqa: E402
+
+# distributed: world = dp x cp. CP groups are runs of consecutive ranks so the ring stays inside a node.
 if ddp:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -83,8 +215,6 @@ if ddp:
 else:
     rank, world_size, local_rank = 0, 1, 0
 master = rank == 0
-if world_size % cp != 0:
-    raise SystemExit(f"world size {world_size} is not divisible by cp={cp}")
 dp = world_size // cp
 dp_rank, cp_rank = rank // cp, rank % cp
 cp_group = None
@@ -97,8 +227,6 @@ if threads is not None and not device.startswith("cuda"):
     torch.set_num_threads(threads)
 torch.manual_seed(seed)  # same init on every rank
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cuda" and dtype not in ("bfloat16", "float16"):
-    raise SystemExit(f"dtype={dtype!r} on CUDA: attention runs flash kernels, use dtype='bfloat16' or 'float16' (autocast)")
 autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" and dtype != "float32" else nullcontext()
 
 
@@ -108,22 +236,26 @@ def log(*args):
 
 
 # -----------------------------------------------------------------------------
-# data: a prepared directory, or the synthetic set generated once by rank 0
+# data: a prepared directory, or the synthetic set, generated by the first rank of every node (so nodes
+# need no shared filesystem; on a shared one they race harmlessly: the first to finish publishes it)
 
-from data.prepare import global_batch, load_dataset
+from data.prepare import DataError, global_batch, load_dataset  # noqa: E402
 
 if dataset is None:
     from data.synthetic import default_dir, make_synthetic
     dataset = default_dir(synthetic_dist, synthetic_n, synthetic_max_len, seed)
-    if master and not os.path.exists(os.path.join(dataset, "meta.json")):
+    if local_rank == 0 and not os.path.exists(os.path.join(dataset, "meta.json")):
         log(f"generating synthetic dataset -> {dataset}")
-        make_synthetic(dataset, dist=synthetic_dist, n=synthetic_n, max_len=synthetic_max_len, seed=seed)
+        make_synthetic(dataset, dist=synthetic_dist, n=synthetic_n, max_len=synthetic_max_len, seed=seed, verbose=master)
     if ddp:
         dist.barrier()
-ds = load_dataset(dataset)
+try:
+    ds = load_dataset(dataset)
+except DataError as e:
+    die(str(e))
 n_global = dp * batch_size  # sequences per optimizer step
 if len(ds) < n_global:
-    raise SystemExit(f"dataset {dataset} has {len(ds)} sequences, fewer than one global batch ({n_global})")
+    die(f"dataset {dataset} has {len(ds)} sequences, fewer than one global batch ({n_global})")
 
 
 def example(i):
@@ -167,25 +299,23 @@ def load_microbatch(mb, idx):
 
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
 start_iter = 0
 if init_from in ("scratch", "resume"):
-    meta_ckpt = None
     if init_from == "resume":
-        from safetensors import safe_open
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
-        with safe_open(ckpt_path, "pt") as f:
-            meta_ckpt = f.metadata()
         model_config = ModelConfig(**json.loads(meta_ckpt["model_config"]))
     else:  # from scratch the vocabulary is the dataset tokenizer's, rounded up to a multiple of 64
         model_config = ModelConfig(**{**PRESETS[model_preset].__dict__, "vocab_size": -(-ds.meta["vocab_size"] // 64) * 64})
     model = Transformer(model_config)
 else:
-    model = Transformer.from_pretrained(init_from)
+    try:
+        model = Transformer.from_pretrained(init_from)
+    except (OSError, ValueError, KeyError) as e:
+        die(f"init_from={init_from!r}: {e}")
     model_config = model.config
 if ds.meta["vocab_size"] > model_config.vocab_size:
-    raise SystemExit(f"dataset vocab {ds.meta['vocab_size']} exceeds the model's {model_config.vocab_size}: "
-                     f"prepare the data with the model's tokenizer")
+    die(f"dataset vocab {ds.meta['vocab_size']} exceeds the model's {model_config.vocab_size}: "
+        f"prepare the data with the model's tokenizer")
 model.to(device)
 raw_model = model  # keep the uncompiled module for saving (no _orig_mod. prefixes)
 if compile:
@@ -205,42 +335,62 @@ if profile is not None:
 else:
     cost = CostModel(model_config)
 if not bucket_size or bucket_size < 0:
-    raise SystemExit(f"bucket_size={bucket_size}: give a positive bucket_size, or 0 together with a profile JSON")
+    die(f"bucket_size={bucket_size}: give a positive bucket_size, or 0 together with a profile JSON")
 bucket_size = int(bucket_size)
 try:  # fail now, not at the step that first draws the longest sample (the scheduler's own check)
     make_plan([int(ds.lengths.max())], dp=1, cp=cp, bucket_size=bucket_size, policy="naive")
 except ValueError as e:
-    raise SystemExit(f"dataset {dataset}, its longest sample ({int(ds.lengths.max())} tokens): {e}. "
-                     f"Raise cp or bucket_size, or re-prepare with --max_len")
+    die(f"dataset {dataset}, its longest sample ({int(ds.lengths.max())} tokens): {e}. "
+        f"Raise cp or bucket_size, or re-prepare with --max_len")
 
 
 def save_checkpoint(it):
-    """Model + AdamW state in one safetensors file, written to a temp file and renamed into place."""
+    """Model + AdamW state in one safetensors file: written to a temp file, fsynced, renamed into place
+    (and the directory fsynced), so a crash leaves the previous checkpoint or the new one, never half of
+    one. A checkpoint with non-finite weights or state is never written: the previous one stays."""
     from safetensors.torch import save_file
     tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in named_params.items()}
     for n, p in named_params.items():
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"optim.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
-    meta = {"iter": str(it), "model_config": json.dumps(model_config.__dict__), "config": json.dumps(config)}
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        die(f"iter {it}: not writing a checkpoint with non-finite values in {', '.join(bad[:3])}; "
+            f"{ckpt_path} keeps the last good one")
+    meta = {"iter": str(it), "model_config": json.dumps(model_config.__dict__), "config": json.dumps(config),
+            "resume_identity": json.dumps(resume_identity(dp, ds.meta))}
     tmp = ckpt_path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, ckpt_path)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint():
-    from safetensors.torch import load_file
-    tensors = load_file(ckpt_path)
-    with torch.no_grad():
-        for n, p in named_params.items():
-            p.copy_(tensors[f"model.{n}"])
-    # through load_state_dict, which puts each state tensor where this optimizer wants it (fused AdamW
-    # on CUDA keeps `step` on the device, the for-each one on the CPU)
-    state = optimizer.state_dict()  # its "state" is keyed by position in param_groups
-    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for n, p in named_params.items():
-        if f"optim.{n}.step" in tensors:
-            state["state"][position[id(p)]] = {k: tensors[f"optim.{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
-    optimizer.load_state_dict(state)
+    """Weights into the model, AdamW state through optimizer.load_state_dict, which puts every value
+    where this optimizer needs it (fused AdamW on CUDA keeps `step` on the GPU; the plain one on the CPU).
+    safe_open reads only the tensors asked for, not the whole file."""
+    from safetensors import safe_open
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them so
+    names = {id(p): n for n, p in named_params.items()}
+    state = {}
+    with safe_open(ckpt_path, "pt", device="cpu") as f:
+        keys = set(f.keys())
+        with torch.no_grad():
+            for n, p in named_params.items():
+                p.copy_(f.get_tensor(f"model.{n}"))
+        for i, p in enumerate(params):
+            n = names[id(p)]
+            if f"optim.{n}.step" in keys:
+                state[i] = {k: f.get_tensor(f"optim.{n}.{k}") for k in ("step", "exp_avg", "exp_avg_sq")}
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
     return int(meta_ckpt["iter"])
 
 
@@ -248,11 +398,21 @@ if init_from == "resume":
     start_iter = load_checkpoint()
     log(f"resumed from {ckpt_path} at iter {start_iter}")
 
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if master:  # keep the history before start_iter, drop anything a crashed run wrote after the checkpoint
+# metrics.jsonl numbers steps like the console and the checkpoint: "iter" k is the k-th optimizer step
+# (1-based), and a checkpoint at iter k holds the state after step k.
+if master:  # keep the history up to start_iter, drop anything a crashed run wrote after the checkpoint
     kept = []
     if start_iter > 0 and os.path.exists(metrics_path):
-        kept = [l for l in open(metrics_path) if l.strip() and json.loads(l)["iter"] < start_iter]
+        for line in open(metrics_path):
+            try:
+                if json.loads(line)["iter"] <= start_iter:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by a killed run
+    elif init_from != "resume":  # overwrite=True (validate_config refused anything else): start over
+        for f in ("ckpt.safetensors", "grads.safetensors"):
+            if os.path.exists(os.path.join(out_dir, f)):
+                os.remove(os.path.join(out_dir, f))
     with open(metrics_path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(metrics_path + ".tmp", metrics_path)
@@ -283,11 +443,34 @@ def all_reduce_grads():
         p.grad = g.view_as(p)
 
 
+def check_ranks_agree(it, idx, lengths, plan):
+    """Every rank computes the global batch and the plan on its own (no communication), so they must come
+    out the same everywhere: if one node read a different dataset, profile JSON or numpy version, CP peers
+    would exchange mismatched buffers (a hang, or silently wrong gradients). One all-gather of two 64-bit
+    digests per step, called by every rank, catches it; on a mismatch every rank stops here."""
+    if world_size == 1:
+        return
+    def digest(obj):
+        return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
+    mine = torch.tensor([digest((idx.tolist(), lengths)), digest([[(mb.distributed, mb.local) for mb in mbs] for mbs in plan])],
+                        dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()
+    for col, what in ((0, "global batch (sample indices and lengths): is every rank reading the same dataset?"),
+                      (1, "plan: do all ranks use the same --profile file, code and numpy version?")):
+        odd = [r for r in range(world_size) if every[r, col] != every[0, col]]
+        if odd:
+            die(f"iter {it + 1}: ranks {odd} disagree with rank 0 on the {what} Stopping every rank before "
+                f"mismatched data is exchanged")
+
+
 log(f"world {world_size} = dp {dp} x cp {cp} | schedule {schedule} | bucket {bucket_size} tokens/rank | "
     f"{raw_model.num_params() / 1e6:.2f}M params | dataset {dataset} ({len(ds)} seqs)")
 t_start = time.time()
 dts = []
-for it in range(start_iter, max_iters):
+last_saved = start_iter  # the iteration of the checkpoint in out_dir (0: none)
+for it in range(start_iter, max_iters):  # `it` counts steps done; this is step it + 1 in the logs and metrics
     t0 = time.time()
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # max_memory_allocated in the metrics: this step's peak
@@ -297,8 +480,11 @@ for it in range(start_iter, max_iters):
     idx = global_batch(len(ds), n_global, it, seed)  # the same on every rank
     lengths = [int(ds.lengths[i]) for i in idx]
     plan = make_plan(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=seed + it)
-    # the loss is normalised by the global count of target tokens (every rank knows the global batch)
+    check_ranks_agree(it, idx, lengths, plan)
+    # the loss is normalised by the global count of target tokens (every rank knows the global batch). A
+    # batch with no target at all (every label -100) has loss 0 and zero gradients: divide by 1, not 0.
     n_targets = sum(int(ds.get(int(i))[1][1:].sum()) for i in idx)
+    denom = max(n_targets, 1)
     peak = max(max(mb.rank_tokens(lengths)) for mbs in plan for mb in mbs)  # padded share + local tokens
     if peak > bucket_size:
         raise RuntimeError(f"plan puts {peak} tokens on one rank, over bucket_size={bucket_size}")
@@ -311,32 +497,40 @@ for it in range(start_iter, max_iters):
         x, y, p, attn_fn = batch
         with autocast:
             _, loss = model(x, y, position_ids=p, attn_fn=attn_fn, reduction="sum")
-        (loss / n_targets).backward()
+        (loss / denom).backward()
         loss_sum += loss.detach().float()
     all_reduce_grads()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
     if dump_grads and it == start_iter and master:
         from safetensors.torch import save_file
         save_file({n: p.grad.detach().cpu().contiguous() for n, p in named_params.items()}, os.path.join(out_dir, "grads.safetensors"))
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    # clip_grad_norm_ returns the norm before clipping; with max_norm=inf it only measures it
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss_total, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one device sync
+    loss_val = loss_total / denom
+    if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+        # every rank holds the same all-reduced loss and gradients, so every rank stops here, before the
+        # optimizer step: the weights, the last checkpoint and metrics.jsonl stay as they were
+        die(f"iter {it + 1}: loss {loss_val} / gradient norm {grad_norm} is not finite; stopped before the optimizer "
+            f"step. Lower learning_rate or check the data. Last checkpoint: "
+            f"{f'iter {last_saved} in {ckpt_path}' if last_saved else 'none'}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if world_size > 1:
-        dist.all_reduce(loss_sum)
-    loss_val = loss_sum.item() / n_targets  # .item() also waits for the step to finish
 
     dt = time.time() - t0
     dts.append(dt)
     if master:
         tokens = sum(lengths)
-        rec = {"iter": it, "loss": round(loss_val, 6), "tokens": tokens, "dt_ms": round(dt * 1e3, 2),
-               "tok_per_s": round(tokens / dt, 1), "n_microbatches": max(len(m) for m in plan),
-               "peak_tokens_per_rank": peak, "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
+        rec = {"iter": it + 1, "loss": round(loss_val, 6), "tokens": tokens, "targets": n_targets,
+               "grad_norm": round(grad_norm, 6), "dt_ms": round(dt * 1e3, 2), "tok_per_s": round(tokens / dt, 1),
+               "n_microbatches": max(len(m) for m in plan), "peak_tokens_per_rank": peak,
+               "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
         if device_type == "cuda":
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if it % log_interval == 0 or it == max_iters - 1:
+            f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
+        if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
             recent = dts[-10:]
             eta = (max_iters - it - 1) * sum(recent) / len(recent)
             mem = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
@@ -346,6 +540,8 @@ for it in range(start_iter, max_iters):
     last = it + 1 == max_iters
     if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last) and master:
         save_checkpoint(it + 1)
+    if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last):
+        last_saved = it + 1
 
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
 if ddp:

@@ -20,7 +20,9 @@ this can differ from tokenizing the whole rendered string at once only when a co
 with whitespace that BPE would have merged across the boundary.
 
 Output directory (written into a temp dir next to out_dir, renamed into place at the very end, so a
-failed run leaves nothing; an existing out_dir is refused unless overwrite=True, see _publish):
+failed or interrupted run leaves nothing; see _publish and remove_stale_temps). An existing out_dir is
+refused, and overwrite=True replaces it only if it is a prepared dataset holding nothing but the four
+files below: never a file, never the input, never any other directory.
     tokens.bin   uint32, all samples back to back
     mask.bin     uint8, same length; mask[t] = 1 means token t is a training target, i.e. the
                  trainer predicts tokens[t] from tokens[:t] (labels[t-1] = tokens[t] where mask[t])
@@ -48,6 +50,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 from functools import lru_cache
@@ -57,6 +61,7 @@ import numpy as np
 IM_START, IM_END, ENDOFTEXT, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
 ROLES = ("system", "user", "assistant")
 FORMAT_VERSION = 1
+PREPARED_FILES = ("meta.json", "tokens.bin", "mask.bin", "offsets.bin")  # everything a prepared dir holds
 
 
 class DataError(ValueError):
@@ -260,14 +265,14 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
     if max_len is not None and max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:  # fail before doing the work, and again at the end
-        raise FileExistsError(f"{out_dir} exists; remove it or pass overwrite=True (--overwrite)")
     if not os.path.isfile(input_path):
         raise DataError(f"{input_path}: no such file")
+    remove_stale_temps(out_dir)  # first: it may put back a dataset an interrupted overwrite moved aside
+    _check_out_dir(input_path, out_dir, overwrite)  # fail before doing the work, and again at the end
     tok = get_tokenizer(tokenizer)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(out_dir, "tmp"), dir=parent)
     try:
         meta = _write(input_path, tmp, tok, max_len, overlong, verbose)
         meta.update(extra_meta or {})
@@ -275,6 +280,7 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        _check_out_dir(input_path, out_dir, overwrite)  # out_dir may have changed while we worked
         _publish(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -344,17 +350,93 @@ def _write(input_path, tmp, tok, max_len, overlong, verbose):
     }
 
 
+def _check_out_dir(input_path, out_dir, overwrite):
+    """Refuse an out_dir that prepare() must not create or replace (see the module docstring)."""
+    src = os.path.realpath(input_path)
+    real = os.path.realpath(out_dir)
+    if src == real or src.startswith(real + os.sep):
+        raise DataError(f"--out_dir {out_dir} is or holds the input {input_path}; choose another directory")
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory; not replacing it (even with --overwrite)")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; remove it or pass overwrite=True (--overwrite)")
+    other = sorted(set(os.listdir(out_dir)) - set(PREPARED_FILES))
+    if other or not _is_prepared(out_dir):
+        why = f"it also holds {', '.join(other[:5])}" if other else "its meta.json does not describe a prepared dataset"
+        raise FileExistsError(f"{out_dir} is not a prepared dataset ({why}); --overwrite only replaces a "
+                              f"directory data/prepare.py wrote. Choose another --out_dir")
+
+
+def _is_prepared(path):
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "n_seqs" in meta and "tokenizer" in meta
+
+
+def _host():
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _temp_prefix(out_dir, kind):
+    """Hidden temp names next to out_dir carry the host and process id, so a later run can tell a temp
+    left by a killed run (remove it) from one a live process is still writing (leave it)."""
+    return f".{os.path.basename(out_dir)}.{kind}.{_host()}.{os.getpid()}."
+
+
+def remove_stale_temps(out_dir):
+    """Delete the temps a killed prepare() (or make_synthetic) left next to out_dir: those made on this
+    host by a process that no longer exists. A stale "old" dir (killed between the two renames of an
+    overwrite) is the previous dataset: put it back if nothing replaced it, else delete it. Temps of other
+    hosts (a shared filesystem) are left alone: we cannot tell whether their process is alive."""
+    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    host = _host()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in sorted(names):
+        for kind in ("tmp", "old", "jsonl"):
+            head = f".{base}.{kind}.{host}."
+            if not name.startswith(head):
+                continue
+            pid = name[len(head):].split(".")[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            path = os.path.join(parent, name)
+            if kind == "old" and os.path.isdir(os.path.join(path, "d")) and not os.path.lexists(out_dir):
+                os.rename(os.path.join(path, "d"), out_dir)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _publish(tmp, out_dir, overwrite):
-    """Rename the finished temp dir to out_dir. Refuses an existing out_dir unless overwrite: then the
-    old dir is renamed aside, the new one renamed in, the old one deleted. Each rename is atomic, but
-    there is a moment between the two where out_dir does not exist (POSIX has no directory swap);
-    readers never see a half-written directory either way."""
-    if not os.path.exists(out_dir):
+    """Rename the finished temp dir to out_dir. Refuses an existing out_dir unless overwrite (and it is
+    a prepared dataset): then the old dir is renamed aside, the new one renamed in, the old one deleted.
+    Each rename is atomic, but there is a moment between the two where out_dir does not exist (POSIX has
+    no directory swap); readers never see a half-written directory either way."""
+    if not os.path.lexists(out_dir):
         os.rename(tmp, out_dir)
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} appeared while preparing; not replacing it")
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    old = tempfile.mkdtemp(prefix=_temp_prefix(out_dir, "old"), dir=os.path.dirname(out_dir))
     os.rename(out_dir, os.path.join(old, "d"))
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
@@ -440,10 +522,19 @@ def main(argv=None):
     p.add_argument("--overlong", choices=("error", "truncate"), default="error")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     args = p.parse_args(argv)
+    # `kill` (SIGTERM) ends the process without running cleanup code; as an exception it runs prepare()'s
+    # cleanup like Ctrl-C does. kill -9 cannot be caught: the next run removes what it left (remove_stale_temps).
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         prepare(args.input, args.out_dir, args.tokenizer, args.max_len, args.overlong, args.overwrite)
     except (ValueError, FileExistsError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; nothing was written")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script (python data/synthetic.py): make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.prepare import load_dataset, prepare  # noqa: E402
+from data.prepare import _temp_prefix, load_dataset, prepare, remove_stale_temps  # noqa: E402
 
 K = 1024
 THRESHOLDS = (1 * K, 4 * K, 8 * K, 32 * K, 128 * K)
@@ -169,7 +169,8 @@ def make_synthetic(out_dir=None, dist="wikipedia", n=2000, max_len=4096, seed=0,
     rng = np.random.default_rng(seed)
     lengths = sample_lengths(dist, n, rng, max_len)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    fd, jsonl = tempfile.mkstemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".jsonl", dir=os.path.dirname(out_dir))
+    remove_stale_temps(out_dir)
+    fd, jsonl = tempfile.mkstemp(prefix=_temp_prefix(out_dir, "jsonl"), dir=os.path.dirname(out_dir))
     try:
         with os.fdopen(fd, "w") as f:
             for L in lengths:
