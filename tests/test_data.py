@@ -116,6 +116,91 @@ def test_existing_out_dir_never_clobbered(tmp_path):
     assert listing(tmp_path) == ["bad.jsonl", "good.jsonl", "out"]
 
 
+def test_overwrite_replaces_only_a_prepared_dataset(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [PR])
+    notes = tmp_path / "X"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a prepared dataset"):  # any other directory
+        prepare(good, notes, tokenizer="byte", overwrite=True, verbose=False)
+    assert listing(notes) == ["notes.txt"]
+    with pytest.raises(DataError, match="is or holds the input"):  # the input itself
+        prepare(good, good, tokenizer="byte", overwrite=True, verbose=False)
+    assert load_jsonl_ok(good)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(FileExistsError, match="not a directory"):  # a file
+        prepare(good, afile, tokenizer="byte", overwrite=True, verbose=False)
+    assert afile.read_text() == "mine"
+    out = tmp_path / "out"
+    prepare(good, out, tokenizer="byte", verbose=False)
+    inside = write_jsonl(out / "in.jsonl", [PR])  # a dataset that holds the input (and a foreign file)
+    with pytest.raises(DataError, match="is or holds the input"):
+        prepare(inside, out, tokenizer="byte", overwrite=True, verbose=False)
+    with pytest.raises(FileExistsError, match="also holds in.jsonl"):
+        prepare(good, out, tokenizer="byte", overwrite=True, verbose=False)
+    assert "in.jsonl" in listing(out)
+    os.remove(inside)
+    prepare(good, out, tokenizer="byte", overwrite=True, verbose=False)  # a plain prepared dataset: replaced
+    assert listing(tmp_path) == ["X", "afile", "good.jsonl", "out"]  # no temp dirs left
+    # the command line: a one-line error and the input intact
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "--input", good, "--out_dir", good,
+                        "--tokenizer", "byte", "--overwrite"], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    assert load_jsonl_ok(good)
+
+
+def load_jsonl_ok(path):
+    return os.path.isfile(path) and json.loads(open(path).readline()) == PR
+
+
+def test_stale_temps_removed_live_ones_kept(tmp_path):
+    """Temps are named .NAME.KIND.HOST.PID.*: the next run removes those of dead processes on this host,
+    and puts back a dataset that a killed overwrite had moved aside."""
+    from data.prepare import _temp_prefix
+    good = write_jsonl(tmp_path / "good.jsonl", [PR])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process (pids are not reused this fast)
+    out = tmp_path / "out"
+    mine = _temp_prefix(str(out), "tmp")
+    stale = tmp_path / (mine.replace(f".{os.getpid()}.", f".{dead.pid}.") + "x")
+    stale.mkdir()
+    (stale / "tokens.bin").write_bytes(b"0" * 1000)
+    live = tmp_path / (mine + "y")  # this test's own pid: alive
+    live.mkdir()
+    other_host = tmp_path / f".out.tmp.otherhost.{dead.pid}.z"
+    other_host.mkdir()
+    old = tmp_path / (_temp_prefix(str(out), "old").replace(f".{os.getpid()}.", f".{dead.pid}.") + "w")
+    prepare(good, old / "d", tokenizer="byte", verbose=False)  # a dataset moved aside by a killed overwrite
+    prepare(good, tmp_path / "other", tokenizer="byte", verbose=False)  # not our name: never touched
+    with pytest.raises(FileExistsError):  # the restored dataset is there again, so no overwrite: refused
+        prepare(good, out, tokenizer="byte", verbose=False)
+    assert load_dataset(out).meta["n_seqs"] == 1
+    assert not stale.exists() and not old.exists()
+    assert live.exists() and other_host.exists()
+
+
+def test_sigterm_cleans_up(tmp_path):
+    """`kill` (SIGTERM) of a running prepare.py removes its temp dir."""
+    import signal
+    import time
+    src = tmp_path / "big.jsonl"
+    with open(src, "w") as f:
+        row = json.dumps({"prompt": "q" * 200, "response": "a" * 800}) + "\n"
+        f.write(row * 20000)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "--input", str(src),
+                          "--out_dir", str(tmp_path / "out"), "--tokenizer", "byte"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(".tmp." in n for n in os.listdir(tmp_path)) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "prepare.py finished before it could be interrupted"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "interrupted" in err, err
+    assert listing(tmp_path) == ["big.jsonl"]
+
+
 def test_truncate_policy(tmp_path):
     long_answer = {"prompt": "q", "response": "a" * 200}
     long_prompt = {"prompt": "q" * 200, "response": "a"}

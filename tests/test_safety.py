@@ -12,6 +12,7 @@ import ast
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -42,15 +43,28 @@ def snapshot(d):
     return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
 
 
-def refused(cmd, *words):
-    """The command exits non-zero with one line on stderr naming every word, and no traceback."""
-    r = run(cmd, timeout=120)
+def check_refusal(cmd, r, words):
+    """The command exited non-zero with one line on stderr naming every word, and no traceback."""
     err = r.stderr.strip()
     assert r.returncode != 0, f"{' '.join(cmd)} did not fail:\n{r.stdout[-2000:]}"
     assert "Traceback" not in err and err.count("\n") == 0 and err.startswith("error: "), err
     for w in words:
         assert w in err, (w, err)
     return err
+
+
+def refused(cmd, *words):
+    return check_refusal(cmd, run(cmd, timeout=120), words)
+
+
+def refused_all(cases):
+    """[(cmd, words)]: run the commands side by side (each exits during start-up), then check each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for cmd, _ in cases]
+    for (cmd, words), p in zip(cases, procs):
+        out, err = p.communicate(timeout=120)
+        check_refusal(cmd, subprocess.CompletedProcess(cmd, p.returncode, out, err), words)
 
 
 def test_bad_config_is_one_line_and_touches_nothing(tmp_path, dataset, finished):
@@ -73,10 +87,9 @@ def test_bad_config_is_one_line_and_touches_nothing(tmp_path, dataset, finished)
     ]
     if not torch.cuda.is_available():
         cases.append((dict(device="cuda"), ["CUDA is not available"]))
-    for overrides, words in cases:
-        refused(command(finished, overrides.pop("ds", dataset), **overrides), *words)
-        assert snapshot(finished) == before, overrides
-    refused(command(afile, dataset), "is a file")
+    cases.append((dict(out_dir=str(afile)), ["is a file"]))
+    refused_all([(command(finished, overrides.pop("ds", dataset), **overrides), words) for overrides, words in cases])
+    assert snapshot(finished) == before
     assert afile.read_text() == "mine"
 
 
@@ -109,17 +122,18 @@ def test_resume_refuses_a_different_run(tmp_path, dataset, finished):
     other = str(tmp_path / "other")
     from data.synthetic import make_synthetic
     make_synthetic(other, dist="chatqa2", n=80, max_len=512, seed=0, verbose=False)
-    for overrides, words in [
+    cases = [
         (dict(seed=7), ["seed 1337 -> 7"]),
         (dict(batch_size=8), ["global_batch_size 4 -> 8"]),
         (dict(model_preset="qwen2.5-0.5b"), ["model_preset 'tiny' -> 'qwen2.5-0.5b'"]),
         (dict(ds=other), ["dataset"]),
         (dict(seed=7, batch_size=2), ["seed", "global_batch_size"]),
         (dict(max_iters=2), ["max_iters=2 is below the checkpoint's iteration 3"]),
-    ]:
-        refused(command(finished, overrides.pop("ds", dataset), init_from="resume", **{"max_iters": 6, **overrides}), *words)
-        assert snapshot(finished) == before, overrides
-    refused(command(tmp_path / "empty", dataset, init_from="resume"), "does not exist")
+    ]
+    cases = [(command(finished, overrides.pop("ds", dataset), init_from="resume", **{"max_iters": 6, **overrides}), words)
+             for overrides, words in cases]
+    refused_all(cases + [(command(tmp_path / "empty", dataset, init_from="resume"), ["does not exist"])])
+    assert snapshot(finished) == before
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
@@ -216,7 +230,6 @@ def test_every_node_generates_its_synthetic_data(tmp_path):
     for c in copies:
         shutil.copytree(ROOT, c, ignore=ignore)
     port = _free_port()
-    import subprocess
     procs = []
     for i, c in enumerate(copies):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
