@@ -15,8 +15,8 @@ chunks r < W <= 2W-1-r). In the step where this rank holds the K, V of rank s:
     s >  r : q chunk r sees neither kv chunk; q chunk 2W-1-r sees both    -> q's second half vs all
              kv, no mask.
 So only the global cu_seqlens (the same on every rank) and the step index are needed: the K/V hop
-carries no mask metadata, and no block ever has a fully masked row (the CPU kernel would report
-lse = 0 for one instead of -inf, DESIGN.md section 6).
+carries no mask metadata, and no block ever has a fully masked row (PyTorch's CPU flash kernel
+reports lse = 0 for such a row instead of -inf, which would corrupt the merge).
 
 Skrull's DACP (paper section 4.1): a micro-batch has distributed sequences (ring, above) and local
 ones kept whole on one rank. `dacp_attention` computes the local ones while the ring's P2P is in

@@ -2,7 +2,7 @@
 Skrull's data scheduler (Xu et al., arXiv 2505.19609): which rank computes which sequence.
 
 Pieces, top to bottom:
-  1. MicroBatch, padded_len        the plan's vocabulary (DESIGN.md section 5)
+  1. MicroBatch, padded_len        the plan's vocabulary (what schedule() returns)
   2. CostModel                     FLOPs; a rank's time in a micro-batch following dacp_attention step by
                                    step (rank_time), written once and used by everything below
   3. dacp                          Algorithm 1: local vs distributed per micro-batch, with roll-back
@@ -58,7 +58,7 @@ def padded_len(s, cp):
 #   F_lin(s)  = 3 s (n_layer (4 h^2 + 4 h h_kv + 6 h I) + 2 h V)
 #   F_attn(s) = 3 n_layer 2 h s^2        (1/3 of it in the forward, 2/3 in the backward)
 # For Qwen2.5-0.5B the quadratic term overtakes the per-layer linear one at s = 2h + 2h_kv + 3I = 16.6K
-# tokens (23K counting the lm_head). DESIGN.md quotes ~4.6K from the paper; the paper's figure counts
+# tokens (23K counting the lm_head). The paper quotes ~4.6K; its figure counts
 # a narrower MLP (4h) and no causal halving. Measured time is what matters: a, a_attn, a_ring are fitted.
 
 SHAPES = {  # the paper's two models (Hugging Face config.json shapes), so this file needs no torch import
@@ -129,7 +129,7 @@ def _slot_sums(local_lengths, cp):
 
 class CostModel:
     """Time and memory of a micro-batch on one CP rank, following context_parallel.dacp_attention step by
-    step (the paper's cost model, DESIGN.md 2, re-derived for this code). Every constant is per layer and
+    step (the paper's cost model, re-derived for this code). Every constant is per layer and
     per pass unless said; `bench.py profile` fits them all on its own runs.
 
     A rank's time in a micro-batch (rank_time):
@@ -611,7 +611,7 @@ def schedule(lengths, *, dp, cp, bucket_size, policy="skrull", cost=None, seed=0
     """The plan for one global batch: a list (one per DP rank) of lists of MicroBatch.
 
     lengths: the GLOBAL batch's sequence lengths (dp * batch_size of them), in dataset order.
-    policy (DESIGN.md section 3):
+    policy (the paper's baselines, Skrull and ours, on one code path):
       naive        DeepSpeed-style: each DP rank takes a contiguous slice, packs it in dataset order into
                    micro-batches of at most cp*C tokens, every sequence distributed over the CP group.
       sorted       LongAlign sorted batching: sort the global batch by length, cut it into dp consecutive

@@ -1,4 +1,4 @@
-"""configurator.py: --key=value and config files, hardened (STYLE.md section 3)."""
+"""configurator.py: --key=value and config files, hardened where nanoGPT's configurator is weak."""
 import json
 import os
 import subprocess

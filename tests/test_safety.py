@@ -87,8 +87,9 @@ def test_bad_config_is_one_line_and_touches_nothing(tmp_path, dataset, finished)
     ]
     if not torch.cuda.is_available():
         cases.append((dict(device="cuda"), ["CUDA is not available"]))
-    cases.append((dict(out_dir=str(afile)), ["is a file"]))
-    refused_all([(command(finished, overrides.pop("ds", dataset), **overrides), words) for overrides, words in cases])
+    cases.append((dict(od=afile), ["is a file"]))
+    refused_all([(command(overrides.pop("od", finished), overrides.pop("ds", dataset), **overrides), words)
+                 for overrides, words in cases])
     assert snapshot(finished) == before
     assert afile.read_text() == "mine"
 
