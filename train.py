@@ -77,6 +77,9 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = {k: globals()[k] for k in _train_keys}  # for logging and checkpoints
 # -----------------------------------------------------------------------------
 
+# start-up checks. validate_config() runs before anything touches out_dir or the data: a new config key
+# gets its check there, and a place in RESUME_MUST_MATCH if it changes the data order or the model.
+
 # The config keys a resumed run must keep: they decide the data order (seed, the global batch, the
 # dataset) or the model, so changing them would silently train a different run. Everything else may
 # change on resume: cp, schedule, bucket_size, profile, threads and device change only who computes what
