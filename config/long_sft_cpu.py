@@ -1,6 +1,6 @@
 # A tiny Qwen2-style model on the synthetic long-tail SFT set: trains in a few minutes on a 2-core CPU.
 #   python train.py config/long_sft_cpu.py
-#   torchrun --nproc_per_node=2 train.py config/long_sft_cpu.py --cp=2     (gloo, context parallel)
+#   torchrun --nproc_per_node=2 train.py config/long_sft_cpu.py --cp=2 --out_dir=out-cpu-cp2   (gloo, context parallel)
 out_dir = "out-cpu"
 model_preset = "tiny"
 synthetic_dist = "wikipedia"  # long-tail (paper Table 1): most samples short, a few long
