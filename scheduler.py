@@ -595,6 +595,8 @@ def skrull_plus(lengths, dp, cp, bucket_size, cost, t):
             if cands and len(mbs) == len(cands[-1][1]):
                 continue
             spread = [_all_distributed(mb.distributed + sum(mb.local, []), cp) for mb in mbs]
+            if any(max(mb.rank_tokens(lengths)) > bucket_size for mb in spread):
+                spread = mbs  # distributing everything pads every sequence to 2*cp: it may not fit
             cands.append((min(cost.dp_rank_time(mbs, lengths), cost.dp_rank_time(spread, lengths)), mbs, spread))
         _, mbs, spread = min(cands, key=lambda c: c[0])
         cands = [c for _, *pair in cands for c in pair]
