@@ -5,6 +5,7 @@ Benchmarks, one file, one subcommand each:
     python bench.py profile   # measure the cost model's constants on this device -> JSON
     python bench.py e2e       # every policy end to end (train.py), measured vs CostModel's prediction
     python bench.py gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
+    python bench.py memory    # FSDP2 vs all-reduce on CPU; on a GPU, measured peak memory vs memory.py's model
 """
 import statistics
 import sys
@@ -444,7 +445,7 @@ def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
     import os
     import numpy as np
     import torch
-    from scheduler import activation_bytes_per_token
+    from memory import activation_model
     if dev.type == "cuda":  # memory per token and BucketSize C = (device memory - static - beta) / alpha
         toks = np.array([m["tokens"] for m in meas["mem"]], dtype=float)
         byts = np.array([m["bytes"] for m in meas["mem"]], dtype=float)
@@ -453,12 +454,12 @@ def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
         mem_note = "measured: torch.cuda.max_memory_allocated, linear fit over the k=1 points"
         usable = 0.9 * device_memory  # leave 10% for the allocator's fragmentation and NCCL buffers
     else:
-        alpha, beta = float(activation_bytes_per_token(cfg, 4)), 0.0
+        alpha, beta = activation_model(cfg, "none", torch.float32)
         static = 16.0 * meas["n_params"]  # fp32 weights, grads, AdamW m and v
         device_memory = (args.mem_gb * 1e9 if args.mem_gb else
                          os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / args.procs)
         usable = device_memory
-        mem_note = "estimated from the config (scheduler.activation_bytes_per_token, fp32); CPU has no peak counter"
+        mem_note = "memory.activation_model: saved tensors counted on the meta device, fp32; CPU has no peak counter"
     bucket = int((usable - static - beta) / alpha)
     prof = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -520,11 +521,64 @@ def bench_profile(argv):
     _profile_write(args.out, args, cfg, dev, dtype, meas, fit, errs)
 
 # -----------------------------------------------------------------------------
+# memory
+
+
+def bench_memory(argv):
+    """FSDP2 (train.py fsdp=True) against the plain all-reduce, and the memory model against a GPU.
+    CPU (default): config/long_sft_cpu.py on 4 gloo processes (dp 2 x cp 2, 1 thread each), fsdp off and on
+    alternately, `--reps` times: median step time (steps after the first) and the state each rank holds.
+    --gpu: config/long_sft.py on one CUDA GPU (dp 1 x cp 1, the bucket cut to what one rank holds) with
+    fsdp=True, in each activation_checkpoint mode: torch.cuda.max_memory_allocated of every step next to
+    memory.py's prediction for that step (static state + beta + alpha x the rank's peak tokens).
+        python bench.py memory [--iters 6] [--reps 3]
+        python bench.py memory --gpu [--iters 3] [--bucket_size 26000] [--batch_size 16]"""
+    import argparse
+    import tempfile
+    ap = argparse.ArgumentParser(prog="bench.py memory")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bucket_size", type=int, default=26000)
+    ap.add_argument("--batch_size", type=int, default=16)
+    args = ap.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench_memory_")
+    if args.gpu:
+        iters = args.iters or 3
+        print(f"config/long_sft.py, 1 GPU, fsdp=True, bucket {args.bucket_size}, batch {args.batch_size}, {iters} steps per mode")
+        print(f"{'mode':>10} {'step':>4} {'peak tok':>8} {'measured GiB':>12} {'predicted GiB':>13} {'measured/pred':>13}")
+        for mode in ("none", "full", "selective"):
+            recs = _train_run(f"{tmp}/{mode}", 1, dict(cp=1, fsdp=True, activation_checkpoint=mode, max_iters=iters,
+                                                      bucket_size=args.bucket_size, synthetic_max_len=args.bucket_size,
+                                                      batch_size=args.batch_size, checkpoint_interval=0),
+                              config="config/long_sft.py")
+            for r in recs:
+                m, p = r["max_memory_allocated"], r["predicted_memory"]
+                print(f"{mode:>10} {r['iter']:>4} {r['peak_tokens_per_rank']:>8} {m / 2**30:>12.2f} {p / 2**30:>13.2f} {m / p:>13.3f}")
+        return
+    iters = args.iters or 6
+    print(f"config/long_sft_cpu.py, 4 gloo ranks (dp 2 x cp 2), {iters} steps, median step time of steps 2..{iters}")
+    print(f"{'rep':>3} {'all-reduce ms':>13} {'fsdp ms':>8} {'fsdp/all-reduce':>15}")
+    ratios, state = [], {}
+    for rep in range(args.reps):
+        ms = {}
+        for fsdp in (False, True):
+            recs = _train_run(f"{tmp}/{rep}_{fsdp}", 4, dict(cp=2, fsdp=fsdp, max_iters=iters, checkpoint_interval=0, threads=1))
+            ms[fsdp] = statistics.median(r["dt_ms"] for r in recs[1:])
+            state[fsdp] = (recs[0]["state_bytes_per_rank"], recs[0]["peak_state_bytes_per_rank"])
+        ratios.append(ms[True] / ms[False])
+        print(f"{rep:>3} {ms[False]:>13.1f} {ms[True]:>8.1f} {ratios[-1]:>15.2f}")
+    print(f"fsdp/all-reduce step time: median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    for fsdp in (False, True):
+        print(f"fsdp={fsdp}: state_bytes_per_rank {state[fsdp][0]:,}  peak_state_bytes_per_rank {state[fsdp][1]:,}")
+    print(f"state with fsdp / without: {state[True][0] / state[False][0]:.3f}")
+
+# -----------------------------------------------------------------------------
 # e2e
 
 
-def _train_run(out_dir, nproc, overrides):
-    """One `torchrun train.py config/long_sft_cpu.py` run; returns its metrics.jsonl records."""
+def _train_run(out_dir, nproc, overrides, config="config/long_sft_cpu.py"):
+    """One `torchrun train.py <config>` run; returns its metrics.jsonl records."""
     import json
     import os
     import socket
@@ -532,7 +586,7 @@ def _train_run(out_dir, nproc, overrides):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={out_dir}"]
+    argv = [config] + [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={out_dir}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "train.py"] + argv
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
@@ -914,7 +968,7 @@ def bench_gpu(argv):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    commands = {"ring": bench_ring, "profile": bench_profile, "e2e": bench_e2e, "gpu": bench_gpu}
+    commands = {"ring": bench_ring, "profile": bench_profile, "e2e": bench_e2e, "gpu": bench_gpu, "memory": bench_memory}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python bench.py {{{','.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

@@ -9,7 +9,8 @@ The pieces, in the order they appear:
                       through the kernels of context_parallel.py (the same that compute ring blocks)
     Attention         grouped-query attention (GQA); q/k/v projections have a bias, o_proj has none
     MLP               SwiGLU: down(silu(gate(x)) * up(x))
-    Block             pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
+    Block             pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); optional
+                      activation checkpointing that never re-runs the attention
     Transformer       embeddings -> blocks -> final norm -> lm_head (tied or untied) -> loss
 
 Everything inside the model works on *packed* tokens: a batch is one long row of N tokens holding
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from context_parallel import AttnPlan, attention
 
@@ -172,13 +173,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * D, C, bias=False)
 
     def forward(self, x, cos, sin, attn_fn):  # x (N, C)
+        y = attn_fn(*self.qkv(x, cos, sin))                        # (N, H, D), the seam
+        return self.o_proj(y.reshape(x.shape[0], self.n_head * self.head_dim))  # (N, C)
+
+    def qkv(self, x, cos, sin):  # x (N, C) -> q (N, H, D), k and v (N, Hkv, D), RoPE applied
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.n_head, self.head_dim)     # (N, H, D)
-        k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)  # (N, Hkv, D)
-        v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)  # (N, Hkv, D)
-        q, k = RoPE.rotate(q, cos, sin), RoPE.rotate(k, cos, sin)
-        y = attn_fn(q, k, v)                                       # (N, H, D), the seam
-        return self.o_proj(y.reshape(N, self.n_head * self.head_dim))  # (N, C)
+        q = self.q_proj(x).view(N, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+        return RoPE.rotate(q, cos, sin), RoPE.rotate(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -193,7 +196,25 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective recompute policy: keep what the matrix multiplies produce, recompute everything else
+    (RMSNorm, SiLU, products, residual adds: cheap elementwise work that holds most of the bytes)."""
+    save = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class Block(nn.Module):
+    # Activation checkpointing, set from outside (train.py): "none" | "full" | "selective".
+    # The block is cut at the attention call, and only the two halves around it are ever recomputed:
+    # under context parallelism the attention is the ring, and re-running it in the backward would
+    # silently repeat its P2P exchange. The attention keeps what a flash kernel keeps (q, k, v, out, lse).
+    #   full:      both halves are recomputed from their inputs (x, and x with the attention output)
+    #   selective: the MLP half keeps its matmul outputs (o_proj, gate, up, down) and recomputes the
+    #              elementwise ops; the attention-input half (norm, q/k/v projections, RoPE; about a
+    #              tenth of the block's FLOPs) is recomputed whole, as its matmul outputs are not needed
+    recompute = "none"
+    selective_policy = staticmethod(_keep_matmuls)
+
     def __init__(self, config):
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
@@ -202,7 +223,20 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_fn):  # (N, C) -> (N, C)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_fn)
+        if self.recompute == "none" or not torch.is_grad_enabled():
+            return self._after_attention(x, attn_fn(*self._before_attention(x, cos, sin)))
+        if self.recompute not in ("full", "selective"):
+            raise ValueError(f"recompute must be 'none', 'full' or 'selective', got {self.recompute!r}")
+        qkv = checkpoint(self._before_attention, x, cos, sin, use_reentrant=False)
+        y = attn_fn(*qkv)  # outside any checkpoint: runs once, its saved tensors are kept
+        context = (lambda: create_selective_checkpoint_contexts(self.selective_policy)) if self.recompute == "selective" else noop_context_fn
+        return checkpoint(self._after_attention, x, y, use_reentrant=False, context_fn=context)
+
+    def _before_attention(self, x, cos, sin):  # (N, C) -> q, k, v
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def _after_attention(self, x, y):  # block input (N, C), attention output (N, H, D) -> (N, C)
+        x = x + self.self_attn.o_proj(y.flatten(1))  # (N, H*D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -252,7 +286,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=idx.device)
+            cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=idx.device) * T  # T may be 0
         elif B != 1:
             raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got idx of shape {tuple(idx.shape)}")
         if position_ids is None:

@@ -152,7 +152,7 @@ class CostModel:
     to back; the step ends with the gradient all-reduce and the optimizer (t_step).
     """
 
-    def __init__(self, config=None, profile=None):
+    def __init__(self, config=None, profile=None, memory=None):
         c = self.config = _shape(config)
         h, L, I, V = c.n_embd, c.n_layer, c.intermediate_size, c.vocab_size
         h_kv = c.n_kv_head * (c.n_embd // c.n_head)
@@ -168,10 +168,10 @@ class CostModel:
         for k in ("b_call", "b_seq", "c_mb", "t_optim", "p2p_latency", "p2p_bandwidth", "comm_overlap",
                   "comm_bytes", "grad_bytes", "device_memory"):
             setattr(self, k, p[k])
-        self.mem_per_token = activation_bytes_per_token(c, p["comm_bytes"])
-        self.mem_static = 16 * self.n_params / 32  # ZeRO-2 over the paper's 32 GPUs, roughly
-        name = _preset_name(c)
-        self.bucket_size = PAPER_BUCKET.get(name) or int((self.device_memory - self.mem_static) / self.mem_per_token)
+        # memory terms come from memory.MemoryModel (measured on the model; train.py passes it), never
+        # from an estimate here: M = mem_per_token S + mem_beta on top of mem_static, and the bucket
+        self.mem_per_token = self.mem_beta = self.mem_static = None
+        self.bucket_size = PAPER_BUCKET.get(_preset_name(c))  # the paper's C, until a memory model says
         self.source = "H100 defaults (assumptions, see scheduler.H100)"
         if profile is not None:
             if isinstance(profile, str):
@@ -188,14 +188,22 @@ class CostModel:
             if profile.get("a_ring") is None:
                 self.a_ring = self.a_attn
             self.source = f"profile ({profile.get('device', '?')})"
+        self.step_bytes = 2 * self.grad_bytes
+        if memory is not None:
+            self.mem_per_token, self.mem_beta = memory.alpha, memory.beta
+            self.mem_static, self.device_memory = memory.static["peak"], memory.device_memory
+            self.bucket_size = memory.bucket_size
+            if memory.fsdp:
+                self.step_bytes = memory.param_bytes + 4
 
     @classmethod
-    def from_profile(cls, config, profile):
-        """config: ModelConfig (or None: the shape stored in the profile); profile: JSON path or dict."""
+    def from_profile(cls, config, profile, memory=None):
+        """config: ModelConfig (or None: the shape stored in the profile); profile: JSON path or dict;
+        memory: a memory.MemoryModel whose terms replace the profile's."""
         if isinstance(profile, str):
             with open(profile) as f:
                 profile = json.load(f)
-        return cls(config if config is not None else profile["model"], profile)
+        return cls(config if config is not None else profile["model"], profile, memory)
 
     def flops(self, s):
         return self.lin_flops * s + self.attn_flops * s * s
@@ -264,11 +272,14 @@ class CostModel:
             2 * self.n_layer * cp * self.b_seq
 
     def t_step(self, world):
-        """Per optimizer step: ring all-reduce of the gradients over all ranks, then the optimizer."""
+        """Per optimizer step: the gradient exchange over all ranks, then the optimizer. A ring all-reduce
+        is a reduce-scatter plus an all-gather of the gradients; FSDP2 (train.py) all-gathers the
+        parameters and reduce-scatters fp32 gradients instead: the same 2 (world - 1) hops, and per
+        parameter `step_bytes` in all (2 grad_bytes, or FSDP2's gathered dtype + 4)."""
         if world <= 1:
             return self.t_optim
-        nbytes = self.n_params * self.grad_bytes
-        return self.t_optim + 2 * (world - 1) * (self.p2p_latency + nbytes / world / self.p2p_bandwidth)
+        nbytes = self.n_params * self.step_bytes
+        return self.t_optim + (world - 1) * (2 * self.p2p_latency + nbytes / world / self.p2p_bandwidth)
 
     # --- plans ---
     def dp_rank_time(self, mbs, lengths, sync=False):
@@ -307,17 +318,6 @@ class CostModel:
         mbs_per_rank = sum(lengths) / (dp * cp * bucket_size)  # a rank holds <= C tokens per micro-batch
         t = max(work / (dp * cp) + mbs_per_rank * self.c_mb, longest + self.c_mb)
         return t + (self.t_step(dp * cp) if include_step else 0.0)
-
-
-def activation_bytes_per_token(config, bytes_per_elem=2):
-    """Rough activation memory per packed token for forward+backward without recompute (alpha in
-    M = alpha S + beta): per layer the tensors autograd keeps, ~7h + 2h_kv + 4I elements (norm
-    inputs/outputs, q, k, v, attention out, residuals, gate, up, act, product), plus the logits and
-    their fp32 loss copy. Only an estimate: `bench.py profile` measures it on CUDA."""
-    c = _shape(config)
-    h, I = c.n_embd, c.intermediate_size
-    h_kv = c.n_kv_head * (c.n_embd // c.n_head)
-    return bytes_per_elem * c.n_layer * (7 * h + 2 * h_kv + 4 * I) + c.vocab_size * (bytes_per_elem + 8)
 
 
 _DEFAULT_COST = None

@@ -65,9 +65,18 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = off
+# scale: sharding, recompute, memory
+# FSDP2 over all dp x cp ranks (parameters, gradients, AdamW state). None -> on with CUDA under torchrun;
+# off on CPU, where the CPU config at 4 gloo ranks took 1.61x the all-reduce path's step time (median of
+# 3 side-by-side runs, 1.32-1.70; `python bench.py memory`) to save 9 MiB per rank a laptop does not need.
+fsdp = None
+activation_checkpoint = "none"  # none | full | selective (model.Block explains what each recomputes)
+device_memory = 0  # bytes of one device for the memory model and the dry run; 0 -> the profile's, else 80e9
+dry_run = False  # plan a few global batches, print each rank's predicted memory and time, exit 0 iff all fit
+dry_run_world = 0  # ranks the dry run plans for (no process group is started); 0 -> cp
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA: bfloat16 | float32
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype on CUDA (autocast, or FSDP2's): bfloat16 | float32
 compile = False
 threads = None  # torch.set_num_threads per process on CPU; None -> torch's default
 seed = 1337
@@ -146,14 +155,22 @@ def validate_config(world_size):
         die(f"dtype={dtype!r}: expected bfloat16 or float32")
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         die(f"device={device!r}: expected cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available() and not dry_run:  # a dry run plans for a GPU
         die(f"device={device!r} but CUDA is not available here (torch {torch.__version__}); use --device=cpu")
     if device.startswith("cuda") and dtype != "bfloat16":
         die(f"dtype={dtype!r} on CUDA: attention runs flash kernels, which need bfloat16 (autocast); use dtype='bfloat16'")
+    if activation_checkpoint not in ("none", "full", "selective"):
+        die(f"activation_checkpoint={activation_checkpoint!r}: expected none, full or selective")
+    if fsdp is not None and not isinstance(fsdp, bool):
+        die(f"fsdp={fsdp!r}: expected True or False (or None for the default)")
+    if fsdp and not ddp and not dry_run:
+        die("fsdp=True needs a process group: launch with torchrun (--nproc_per_node=1 for one device)")
+    if dry_run and ddp:
+        die("dry_run plans for dry_run_world ranks in one process: run it with python, not torchrun")
+    if dry_run_world < 0 or device_memory < 0:
+        die(f"dry_run_world={dry_run_world}, device_memory={device_memory}: must be >= 0 (0 -> the default)")
     if world_size % cp:
         die(f"world size {world_size} is not divisible by cp={cp}")
-    if not bucket_size and profile is None:
-        die("bucket_size=0 takes the bucket from a profile JSON: give --profile=FILE (python bench.py profile) or a bucket_size")
     if profile is not None and not os.path.isfile(profile):
         die(f"profile={profile!r}: no such file (make one with `python bench.py profile`)")
     if dataset is not None and not os.path.isfile(os.path.join(dataset, "meta.json")):
@@ -170,6 +187,8 @@ def validate_config(world_size):
         die(f"out_dir={out_dir!r} is a file, not a directory")
     ckpt = os.path.join(out_dir, "ckpt.safetensors")
     ours = [f for f in ("ckpt.safetensors", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if dry_run:  # plans only: writes nothing, so out_dir may hold anything
+        return None
     if init_from != "resume":
         if ours and not overwrite:
             die(f"out_dir={out_dir!r} already holds a run ({', '.join(ours)}): continue it with --init_from=resume, "
@@ -201,36 +220,41 @@ def validate_config(world_size):
     return meta
 
 
-ddp = int(os.environ.get("RANK", -1)) != -1
-meta_ckpt = validate_config(int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1)
+ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+meta_ckpt = validate_config(int(os.environ.get("WORLD_SIZE", 1)) if ddp else (dry_run_world or cp) if dry_run else 1)
 
+from memory import MemoryModel, state_bytes  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402  (after the configurator: --help lists only config keys)
 from scheduler import CostModel, schedule as make_plan  # noqa: E402
 
-# distributed: world = dp x cp. CP groups are runs of consecutive ranks so the ring stays inside a node.
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if fsdp is None:  # on with CUDA under torchrun (or when planning for it); off on CPU (see `fsdp` above)
+    fsdp = device_type == "cuda" and (ddp or dry_run)
+
+# distributed: world = dp x cp on a DeviceMesh ("dp", "cp"). The mesh is row-major, so CP groups are runs of
+# consecutive ranks and a ring stays inside a node. The dry run starts no process group: it only plans.
 if ddp:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
+    if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 else:
-    rank, world_size, local_rank = 0, 1, 0
+    rank, world_size, local_rank = 0, (dry_run_world or cp) if dry_run else 1, 0
 master = rank == 0
 dp = world_size // cp
 dp_rank, cp_rank = rank // cp, rank % cp
 cp_group = None
-if ddp and cp > 1:
-    for d in range(dp):  # every rank must take part in creating every group
-        g = dist.new_group(list(range(d * cp, (d + 1) * cp)))
-        if d == dp_rank:
-            cp_group = g
+if ddp:
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    cp_group = mesh["cp"].get_group() if cp > 1 else None
 if threads is not None and not device.startswith("cuda"):
     torch.set_num_threads(threads)
 torch.manual_seed(seed)  # same init on every rank
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" and dtype != "float32" else nullcontext()
+# the compute dtype on CUDA: FSDP2's mixed precision when sharding (parallelize), else autocast
+autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" and dtype != "float32" and not fsdp else nullcontext()
 
 
 def log(*args):
@@ -298,28 +322,108 @@ def load_microbatch(mb, idx):
 
 
 # -----------------------------------------------------------------------------
-# model, optimizer, cost model
+# model config, memory model, cost model (all a dry run needs: nothing is allocated yet)
 
-os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 start_iter = 0
+if init_from == "resume":
+    model_config = ModelConfig(**json.loads(meta_ckpt["model_config"]))
+elif init_from == "scratch":  # the preset's vocabulary, grown to the dataset tokenizer's rounded up to 64
+    model_config = ModelConfig(**{**PRESETS[model_preset].__dict__,
+                                  "vocab_size": max(PRESETS[model_preset].vocab_size, -(-ds.meta["vocab_size"] // 64) * 64)})
+else:
+    try:
+        with open(os.path.join(init_from, "config.json")) as f:
+            model_config = ModelConfig.from_hf(json.load(f))
+    except (OSError, ValueError, KeyError) as e:
+        die(f"init_from={init_from!r}: {e}")
+if ds.meta["vocab_size"] > model_config.vocab_size:
+    die(f"dataset vocab {ds.meta['vocab_size']} exceeds the model's {model_config.vocab_size}: "
+        f"prepare the data with the model's tokenizer")
+
+prof = {}
+if profile is not None:
+    with open(profile) as f:
+        prof = json.load(f)
+mem = MemoryModel(model_config, world=world_size, fsdp=fsdp, recompute=activation_checkpoint,
+                  dtype=getattr(torch, dtype) if device_type == "cuda" else torch.float32,
+                  device_memory=device_memory or prof.get("device_memory") or 80e9)
+cost = CostModel.from_profile(model_config, profile, memory=mem) if profile is not None else CostModel(model_config, memory=mem)
+if not bucket_size:  # 0: the profile's measured bucket, else the memory model's
+    bucket_size = prof["bucket_size"] if profile is not None else mem.bucket_size
+if not bucket_size or bucket_size < 0:
+    die(f"bucket_size={bucket_size}: give a positive bucket_size (0 takes it from the profile or the memory model, "
+        f"which leaves no room for activations here)")
+bucket_size = int(bucket_size)
+try:  # fail now, not at the step that first draws the longest sample (the scheduler's own check)
+    make_plan([int(ds.lengths.max())], dp=1, cp=cp, bucket_size=bucket_size, policy="naive")
+except ValueError as e:
+    die(f"dataset {dataset}, its longest sample ({int(ds.lengths.max())} tokens): {e}. "
+        f"Raise cp or bucket_size, or re-prepare with --max_len")
+
+if dry_run:
+    from memory import dry_run as print_dry_run
+    # the first 5 global batches (or fewer): each rank's fullest micro-batch over them is what must fit
+    batches = [global_batch(len(ds), n_global, it, seed) for it in range(min(5, max_iters))]
+    lengths_list = [[int(ds.lengths[i]) for i in idx] for idx in batches]
+    plans = [make_plan(l, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=seed + it)
+             for it, l in enumerate(lengths_list)]
+    print(f"dry run: {model_preset if init_from == 'scratch' else init_from} ({mem.static['n_params'] / 1e9:.2f}B params) | "
+          f"world {world_size} = dp {dp} x cp {cp} | fsdp {fsdp} | activation_checkpoint {activation_checkpoint} | "
+          f"bucket {bucket_size} | {len(plans)} global batches of {dataset}")
+    sys.exit(print_dry_run(plans, lengths_list, cp, mem, cost))
+
+# -----------------------------------------------------------------------------
+# model, optimizer
+
+os.makedirs(out_dir, exist_ok=True)
 if init_from in ("scratch", "resume"):
-    if init_from == "resume":
-        model_config = ModelConfig(**json.loads(meta_ckpt["model_config"]))
-    else:  # from scratch the vocabulary is the dataset tokenizer's, rounded up to a multiple of 64
-        model_config = ModelConfig(**{**PRESETS[model_preset].__dict__, "vocab_size": -(-ds.meta["vocab_size"] // 64) * 64})
     model = Transformer(model_config)
 else:
     try:
         model = Transformer.from_pretrained(init_from)
     except (OSError, ValueError, KeyError) as e:
         die(f"init_from={init_from!r}: {e}")
-    model_config = model.config
-if ds.meta["vocab_size"] > model_config.vocab_size:
-    die(f"dataset vocab {ds.meta['vocab_size']} exceeds the model's {model_config.vocab_size}: "
-        f"prepare the data with the model's tokenizer")
-model.to(device)
+
+
+def parallelize(model):
+    """Activation checkpointing and FSDP2, applied from outside the model (as torchtitan does).
+
+    FSDP2 shards every parameter, its gradient and its AdamW state over all dp x cp ranks (dim 0, one
+    group per block plus one for the embeddings, final norm and lm_head). On CUDA it gathers bf16
+    parameters and reduce-scatters fp32 gradients.
+
+    The collective invariant: every rank must issue the same collectives in the same order, yet Skrull
+    gives DP ranks different numbers of micro-batches and may leave a CP rank with nothing in a
+    micro-batch. FSDP's default (gather before each forward and backward, reduce-scatter after each
+    backward) would then hang. We use ZeRO-2-like behaviour instead: every rank gathers all parameters
+    once at the start of the step (unshard_all), keeps them through its micro-batches, accumulates
+    unsharded gradients without communicating, and reduce-scatters once, in the backward of its last
+    micro-batch, which every rank runs (an empty one if it holds no tokens there). So each step is
+    the same on every rank: one all-gather per group, then one reduce-scatter per group, as in
+    the plain all-reduce path. Cost: the gathered parameters and their fp32 gradients stay for the
+    whole step (memory.static_bytes "working"); the alternative, equal micro-batch counts with FSDP's
+    per-layer gathers, would shard that too, but make every micro-batch a barrier across DP ranks."""
+    for block in model.layers:
+        block.recompute = activation_checkpoint
+    model.to(device)
+    if not fsdp:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
+        if device_type == "cuda" and dtype != "float32" else MixedPrecisionPolicy()
+    for block in model.layers:  # default mesh: all ranks, so the shards spread over dp x cp
+        fully_shard(block, mp_policy=mp, reshard_after_forward=False)
+    return fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+
+
+def unshard_all():
+    for m in [*raw_model.layers, raw_model]:
+        m.unshard()
+
+
+model = parallelize(model)
 raw_model = model  # keep the uncompiled module for saving (no _orig_mod. prefixes)
 if compile:
     model = torch.compile(model)
@@ -328,33 +432,31 @@ decay = [p for p in raw_model.parameters() if p.dim() >= 2]
 no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
-named_params = dict(raw_model.named_parameters())
-
-if profile is not None:
-    cost = CostModel.from_profile(model_config, profile)
-    if not bucket_size:
-        with open(profile) as f:
-            bucket_size = json.load(f)["bucket_size"]
-else:
-    cost = CostModel(model_config)
-if not bucket_size or bucket_size < 0:
-    die(f"bucket_size={bucket_size}: give a positive bucket_size, or 0 together with a profile JSON")
-bucket_size = int(bucket_size)
-try:  # fail now, not at the step that first draws the longest sample (the scheduler's own check)
-    make_plan([int(ds.lengths.max())], dp=1, cp=cp, bucket_size=bucket_size, policy="naive")
-except ValueError as e:
-    die(f"dataset {dataset}, its longest sample ({int(ds.lengths.max())} tokens): {e}. "
-        f"Raise cp or bucket_size, or re-prepare with --max_len")
+named_params = dict(raw_model.named_parameters())  # under FSDP2: the sharded DTensors, between steps
 
 
 def save_checkpoint(it):
     """Model + AdamW state in one safetensors file: written to a temp file, fsynced, renamed into place
     (and the directory fsynced), so a crash leaves the previous checkpoint or the new one, never half of
-    one. A checkpoint with non-finite weights or state is never written: the previous one stays."""
+    one. A checkpoint with non-finite weights or state is never written: the previous one stays.
+    Every rank calls it. Under FSDP2 the shards are first gathered into full tensors (on CPU, arriving at
+    rank 0 only), so the file is the same with or without FSDP and resumes at any world size; the price
+    is that rank 0 holds the full state in host memory while it writes (16 bytes per parameter, 122 GB
+    for 7B; torch.distributed.checkpoint's sharded files would avoid that)."""
     from safetensors.torch import save_file
-    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in named_params.items()}
-    for n, p in named_params.items():
-        for k, v in optimizer.state.get(p, {}).items():
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        params = get_model_state_dict(raw_model, options=full)
+        state = get_optimizer_state_dict(raw_model, optimizer, options=full).get("state", {})  # {} off rank 0
+    else:
+        params = {n: p.detach().cpu() for n, p in named_params.items()}
+        state = {n: optimizer.state[p] for n, p in named_params.items() if p in optimizer.state}
+    if not master:
+        return
+    tensors = {f"model.{n}": params[n].contiguous() for n in named_params}
+    for n, st in state.items():
+        for k, v in st.items():
             tensors[f"optim.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
     bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -377,8 +479,21 @@ def save_checkpoint(it):
 def load_checkpoint():
     """Weights into the model, AdamW state through optimizer.load_state_dict, which puts every value
     where this optimizer needs it (fused AdamW on CUDA keeps `step` on the GPU; the plain one on the CPU).
-    safe_open reads only the tensors asked for, not the whole file."""
+    safe_open reads only the tensors asked for, not the whole file. Under FSDP2 every rank reads the full
+    tensors and keeps its own shards of them."""
     from safetensors import safe_open
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+        full = StateDictOptions(full_state_dict=True)
+        with safe_open(ckpt_path, "pt", device="cpu") as f:
+            keys = set(f.keys())
+            set_model_state_dict(raw_model, {n: f.get_tensor(f"model.{n}") for n in named_params}, options=full)
+            state = {n: {k: f.get_tensor(f"optim.{n}.{k}") for k in ("step", "exp_avg", "exp_avg_sq")}
+                     for n in named_params if f"optim.{n}.step" in keys}
+        if state:
+            groups = get_optimizer_state_dict(raw_model, optimizer, options=full)["param_groups"]  # names, not ids
+            set_optimizer_state_dict(raw_model, optimizer, {"state": state, "param_groups": groups}, options=full)
+        return int(meta_ckpt["iter"])
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them so
     names = {id(p): n for n, p in named_params.items()}
     state = {}
@@ -434,16 +549,38 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def all_reduce_grads():
+def all_reduce_grads(measure=False):
     """Gradients are reduced over DP x CP: every rank's loss is already divided by the global target
-    count, so a plain SUM over all ranks gives the full-batch gradient. One flat buffer, one call."""
+    count, so a plain SUM over all ranks gives the full-batch gradient. One flat buffer, one call.
+    (Under FSDP2 the same sum is the reduce-scatter inside the last backward.) measure: return the
+    bytes of state held while the flat buffer exists."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in named_params.values()]
+    held = 0
     if world_size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
+        held = held_bytes(flat, optim=False) if measure else 0
         dist.all_reduce(flat)
         grads = list(torch.split(flat, [g.numel() for g in grads]))
     for p, g in zip(named_params.values(), grads):
         p.grad = g.view_as(p)
+    return held
+
+
+def held_bytes(*extra, optim=True):
+    """Bytes of parameters, gradients and AdamW state this rank holds right now, counted from its tensors:
+    the sharded parameters (named_params), whatever the modules hold now (the gathered parameters inside
+    an FSDP2 step), all their gradients, `extra`, and (optim=True) the optimizer state."""
+    params = [*named_params.values(), *raw_model.parameters()]
+    states = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)] if optim else []
+    return state_bytes([*params, *(p.grad for p in params), *extra, *states])
+
+
+def empty_microbatch():
+    """No tokens: under FSDP2 a rank with nothing to compute in its last micro-batch still runs this
+    forward and backward, because the step's reduce-scatters happen inside that backward."""
+    from context_parallel import AttnPlan, attention
+    none = torch.zeros((1, 0), dtype=torch.long, device=device)
+    return none, none, none, partial(attention, plan=AttnPlan(None, [0], device))
 
 
 def check_ranks_agree(it, idx, lengths, plan):
@@ -469,7 +606,12 @@ def check_ranks_agree(it, idx, lengths, plan):
 
 
 log(f"world {world_size} = dp {dp} x cp {cp} | schedule {schedule} | bucket {bucket_size} tokens/rank | "
-    f"{raw_model.num_params() / 1e6:.2f}M params | dataset {dataset} ({len(ds)} seqs)")
+    f"{mem.static['n_params'] / 1e6:.2f}M params | dataset {dataset} ({len(ds)} seqs) | fsdp {fsdp} | "
+    f"activation_checkpoint {activation_checkpoint}")
+log(f"memory model per rank: state {mem.static['persistent'] / 2**20:,.1f} MiB between steps, "
+    f"{mem.static['peak'] / 2**20:,.1f} MiB peak; activations {mem.alpha / 2**10:,.1f} KiB/token + "
+    f"{mem.beta / 2**20:,.1f} MiB (state_bytes_per_rank and peak_state_bytes_per_rank follow the first step)")
+state = {}  # state_bytes_per_rank, peak_state_bytes_per_rank: measured on the first step
 t_start = time.time()
 dts = []
 last_saved = start_iter  # the iteration of the checkpoint in out_dir (0: none)
@@ -492,22 +634,40 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
     if peak > bucket_size:
         raise RuntimeError(f"plan puts {peak} tokens on one rank, over bucket_size={bucket_size}")
 
+    measure = it == start_iter
+    held = 0  # the most state bytes seen held within this step (measured on the first step only)
+    if fsdp:  # the step's all-gathers, the same on every rank (parallelize explains the invariant)
+        unshard_all()
     loss_sum = torch.zeros((), device=device)
-    for mb in plan[dp_rank]:  # micro-batch counts may differ between DP ranks: no collective inside
+    mbs = plan[dp_rank]
+    for i, mb in enumerate(mbs):  # micro-batch counts may differ between DP ranks: no collective inside
+        last = i == len(mbs) - 1
+        if fsdp:  # accumulate unsharded gradients; reduce-scatter them and reshard only after the last
+            raw_model.set_requires_gradient_sync(last)
+            raw_model.set_reshard_after_backward(last)
         batch = load_microbatch(mb, idx)
         if batch is None:  # this CP rank holds nothing in this micro-batch (no distributed sequences)
-            continue
+            if not (fsdp and last):
+                continue
+            batch = empty_microbatch()
         x, y, p, attn_fn = batch
         with autocast:
             _, loss = model(x, y, position_ids=p, attn_fn=attn_fn, reduction="sum")
-        (loss / denom).backward()
+        held = max(held, held_bytes(optim=False)) if measure else 0
+        # FSDP2's reduce-scatter averages over ranks (gloo has no pre-scaled sum), so its ranks scale up by
+        # the world size to keep the plain SUM the all-reduce path computes
+        (loss * (world_size if fsdp else 1) / denom).backward()
+        held = max(held, held_bytes(optim=False)) if measure and not last else held
         loss_sum += loss.detach().float()
-    all_reduce_grads()
+    if not fsdp:
+        held = max(held, all_reduce_grads(measure))
     if world_size > 1:
         dist.all_reduce(loss_sum)
-    if dump_grads and it == start_iter and master:
+    if dump_grads and it == start_iter:  # every rank: gathering FSDP2's gradient shards is a collective
         from safetensors.torch import save_file
-        save_file({n: p.grad.detach().cpu().contiguous() for n, p in named_params.items()}, os.path.join(out_dir, "grads.safetensors"))
+        full = {n: (p.grad.full_tensor() if fsdp else p.grad).detach().cpu().contiguous() for n, p in named_params.items()}
+        if master:
+            save_file(full, os.path.join(out_dir, "grads.safetensors"))
     # clip_grad_norm_ returns the norm before clipping; with max_norm=inf it only measures it
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     loss_total, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one device sync
@@ -519,6 +679,15 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             f"step. Lower learning_rate or check the data. Last checkpoint: "
             f"{f'iter {last_saved} in {ckpt_path}' if last_saved else 'none'}")
     optimizer.step()
+    if measure:  # what persists to the next step (gradients included), and the most held within this one
+        # (AdamW's state is created by this first step: add it to what was held inside the step)
+        optim_bytes = held_bytes() - held_bytes(optim=False)
+        b = torch.tensor([held_bytes(), max(held + optim_bytes, held_bytes())], dtype=torch.int64, device=device)
+        if world_size > 1:
+            dist.all_reduce(b, op=dist.ReduceOp.MAX)
+        state = {"state_bytes_per_rank": int(b[0]), "peak_state_bytes_per_rank": int(b[1])}
+        log(f"state per rank (measured, max over ranks): {state['state_bytes_per_rank'] / 2**20:,.1f} MiB between steps, "
+            f"{state['peak_state_bytes_per_rank'] / 2**20:,.1f} MiB peak within a step")
     optimizer.zero_grad(set_to_none=True)
 
     dt = time.time() - t0
@@ -529,21 +698,23 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
                "grad_norm": round(grad_norm, 6), "dt_ms": round(dt * 1e3, 2), "tok_per_s": round(tokens / dt, 1),
                "n_microbatches": max(len(m) for m in plan), "peak_tokens_per_rank": peak,
                "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
-        if device_type == "cuda":
+        if measure:
+            rec.update(state)
+        if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+            rec["predicted_memory"] = int(mem.peak(max(mb.rank_tokens(lengths)[cp_rank] for mb in plan[dp_rank])))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
             recent = dts[-10:]
             eta = (max_iters - it - 1) * sum(recent) / len(recent)
-            mem = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
+            mem_s = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
             log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f} | lr {lr:.2e} | "
                 f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
-                f"peak {peak}/{bucket_size} tok{mem} | eta {eta / 60:.1f}min")
+                f"peak {peak}/{bucket_size} tok{mem_s} | eta {eta / 60:.1f}min")
     last = it + 1 == max_iters
-    if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last) and master:
-        save_checkpoint(it + 1)
     if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last):
+        save_checkpoint(it + 1)  # every rank: under FSDP2 the gather is a collective
         last_saved = it + 1
 
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
