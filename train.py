@@ -670,6 +670,8 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             save_file(full, os.path.join(out_dir, "grads.safetensors"))
     # clip_grad_norm_ returns the norm before clipping; with max_norm=inf it only measures it
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if fsdp:  # the norm over FSDP2's shards is a replicated DTensor: the same plain tensor on every rank
+        grad_norm = grad_norm.full_tensor()
     loss_total, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one device sync
     loss_val = loss_total / denom
     if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
