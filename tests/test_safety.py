@@ -82,7 +82,8 @@ def test_bad_config_is_one_line_and_touches_nothing(tmp_path, dataset, finished)
         (dict(init_from=str(finished)), ["--init_from=resume"]),
         (dict(model_preset="huge"), ["model_preset='huge'", "tiny"]),
         (dict(threads=0), ["threads=0"]),
-        (dict(bucket_size=0), ["--profile"]),
+        (dict(activation_checkpoint="some"), ["activation_checkpoint='some'", "selective"]),  # (bucket_size=0 is
+        (dict(fsdp=True), ["fsdp=True", "torchrun"]),  # valid now: the memory model gives the bucket)
         (dict(), ["--init_from=resume", "--overwrite=True"]),  # a fresh run into a finished run's out_dir
     ]
     if not torch.cuda.is_available():
