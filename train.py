@@ -67,8 +67,8 @@ beta2 = 0.95
 grad_clip = 1.0  # 0 = off
 # scale: sharding, recompute, memory
 # FSDP2 over all dp x cp ranks (parameters, gradients, AdamW state). None -> on with CUDA under torchrun;
-# off on CPU, where the CPU config at 4 gloo ranks took 1.61x the all-reduce path's step time (median of
-# 3 side-by-side runs, 1.32-1.70; `python bench.py memory`) to save 9 MiB per rank a laptop does not need.
+# off on CPU, where the CPU config at 4 gloo ranks was slower than the all-reduce path in all 12 side-by-side
+# runs of `python bench.py memory` (medians 1.18x-1.76x) to save 9 MiB per rank a laptop does not need.
 fsdp = None
 activation_checkpoint = "none"  # none | full | selective (model.Block explains what each recomputes)
 device_memory = 0  # bytes of one device for the memory model and the dry run; 0 -> the profile's, else 80e9
