@@ -507,6 +507,14 @@ def global_batch(n_seqs, n_global, it, seed):
     return perm[k * n_global:(k + 1) * n_global]
 
 
+def heldout_split(n_seqs, eval_fraction, seed):
+    """(train indices, held-out indices), both sorted int64 arrays: round(eval_fraction * n_seqs) samples
+    chosen by a seeded permutation (its own stream, independent of global_batch's), never trained on."""
+    n_eval = int(round(eval_fraction * n_seqs))
+    perm = np.random.default_rng([seed, 0xE7A1]).permutation(n_seqs)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
 def load_dataset(path):
     return PreparedDataset(path)
 
