@@ -3,7 +3,9 @@ End-to-end tests of train.py, run as a user runs it (python / torchrun, gloo on 
 - the loss falls on the default synthetic data;
 - a resumed run reproduces the uninterrupted run's losses exactly, also with another cp and schedule;
 - the schedule never changes what is computed: per-step losses and the first step's gradients are equal
-  for naive vs skrull vs skrull_plus, for different bucket sizes (micro-batch splits), and for cp = 1, 2 and 4.
+  for naive vs skrull vs skrull_plus, for different bucket sizes (micro-batch splits), and for cp = 1, 2 and 4,
+  and so are the held-out eval losses, and a LoRA run's losses and adapter gradients;
+- the export at the end loads in transformers (and the LoRA adapter in peft) with our model's logits.
 Safety (refusals, NaN, resume checks, ranks agreeing) is in tests/test_safety.py.
 """
 import json
@@ -35,7 +37,8 @@ def dataset(tmp_path_factory):
 
 def command(out_dir, dataset, nproc=1, script="train.py", **overrides):
     args = dict(out_dir=str(out_dir), dataset=dataset, batch_size=4, bucket_size=512, max_iters=4, warmup_iters=2,
-                lr_decay_iters=8, checkpoint_interval=0, threads=1, device="cpu", dtype="float32")
+                lr_decay_iters=8, checkpoint_interval=0, threads=1, device="cpu", dtype="float32",
+                eval_fraction=0.0, export=False)
     args.update(overrides)
     argv = ["config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in args.items() if v is not None]
     if nproc == 1:
@@ -57,6 +60,11 @@ def train(out_dir, dataset, nproc=1, **overrides):
     return [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+# held-out eval on a quarter of the 64 samples, 2 global batches, after every 2 steps: the equivalence
+# tests below compare eval losses too
+EVAL = dict(eval_fraction=0.25, eval_interval=2, eval_batches=2)
+
+
 def grads(out_dir):
     return load_file(os.path.join(out_dir, "grads.safetensors"))
 
@@ -66,33 +74,68 @@ def assert_same_run(a, b, grads_a=None, grads_b=None, rtol=1e-5):
     assert [m["tokens"] for m in a] == [m["tokens"] for m in b]  # same global batches
     la, lb = torch.tensor([m["loss"] for m in a]), torch.tensor([m["loss"] for m in b])
     torch.testing.assert_close(la, lb, rtol=rtol, atol=1e-6)
+    ea, eb = ([(m["iter"], m["eval_loss"]) for m in run if "eval_loss" in m] for run in (a, b))
+    assert [i for i, _ in ea] == [i for i, _ in eb]  # held-out evaluations at the same steps
+    if ea:
+        torch.testing.assert_close(torch.tensor([e for _, e in ea]), torch.tensor([e for _, e in eb]), rtol=rtol, atol=1e-6)
     if grads_a is not None:
         assert grads_a.keys() == grads_b.keys()
         for k in grads_a:
             torch.testing.assert_close(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
-def test_loss_falls_and_metrics(tmp_path, dataset):
-    m = train(tmp_path / "run", dataset, max_iters=12, learning_rate=3e-3, lr_decay_iters=12)
+def test_loss_falls_and_metrics_and_export(tmp_path, dataset):
+    run = tmp_path / "run"
+    m = train(run, dataset, max_iters=12, learning_rate=3e-3, lr_decay_iters=12, checkpoint_interval=100, export=True,
+              **{**EVAL, "eval_interval": 5})
     assert [r["iter"] for r in m] == list(range(1, 13))  # 1-based, like the console's "iter 1/12"
     for key in ("iter", "loss", "tokens", "dt_ms", "tok_per_s", "n_microbatches", "peak_tokens_per_rank"):
         assert key in m[0], key
     assert all(r["peak_tokens_per_rank"] <= 512 for r in m)
     first, last = sum(r["loss"] for r in m[:2]) / 2, sum(r["loss"] for r in m[-2:]) / 2
     assert last < 0.9 * first, (first, last)
+    evals = [(r["iter"], r["eval_loss"]) for r in m if "eval_loss" in r]
+    assert [i for i, _ in evals] == [5, 10, 12] and evals[-1][1] < evals[0][1]  # every 5 steps and the last
+
+    # the export: transformers' Qwen2ForCausalLM reads out_dir/hf and computes our model's logits
+    transformers = pytest.importorskip("transformers")
+    from export import load_checkpoint_model
+    ours, meta = load_checkpoint_model(str(run))
+    assert meta["iter"] == "12"
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(run / "hf", attn_implementation="eager", dtype=torch.float32)
+    idx = torch.randint(0, 264, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, ours(idx)[0], atol=2e-5, rtol=1e-4)
+
+    # sample.py scores the run's own held-out samples: every held-out sample of each task, up to N
+    from data.prepare import get_tokenizer, heldout_split, load_dataset
+    from data.synthetic import solve
+    ds = load_dataset(dataset)
+    per_task = {}
+    for i in heldout_split(len(ds), EVAL["eval_fraction"], 1337)[1]:  # 1337: the config's seed
+        text = get_tokenizer("byte").decode(ds.get(int(i))[0])
+        task = solve(text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0])[0]
+        per_task[task] = per_task.get(task, 0) + 1
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={run}", "--eval_synthetic=3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for task, n in per_task.items():
+        assert any(line.split()[0] == task and line.split()[1].endswith(f"/{min(n, 3)}")
+                   for line in r.stdout.splitlines()[1:]), (task, r.stdout)
 
 
 def test_resume_is_exact(tmp_path, dataset):
-    full = train(tmp_path / "full", dataset, max_iters=6)
+    full = train(tmp_path / "full", dataset, max_iters=6, **EVAL)
     part = tmp_path / "part"
-    train(part, dataset, max_iters=3, checkpoint_interval=3)
+    train(part, dataset, max_iters=3, checkpoint_interval=3, **EVAL)
     assert os.path.exists(part / "ckpt.safetensors") and not os.path.exists(part / "ckpt.safetensors.tmp")
     shutil.copytree(part, tmp_path / "part2")
-    resumed = train(part, dataset, max_iters=6, init_from="resume")
+    resumed = train(part, dataset, max_iters=6, init_from="resume", **EVAL)
     assert [r["iter"] for r in resumed] == list(range(1, 7))  # history kept, no duplicates
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bitwise: same data order, same state
+    assert [r.get("eval_loss") for r in resumed[3:]] == [r.get("eval_loss") for r in full[3:]]
     # cp and schedule change who computes what, never what is computed: a resume may change them
-    other = train(tmp_path / "part2", dataset, nproc=2, cp=2, schedule="naive", max_iters=6, init_from="resume")
+    other = train(tmp_path / "part2", dataset, nproc=2, cp=2, schedule="naive", max_iters=6, init_from="resume", **EVAL)
     assert_same_run(full, other)
 
 
@@ -110,36 +153,36 @@ def test_resume_on_cuda(tmp_path, dataset):
 
 def test_split_and_policy_invariance(tmp_path, dataset):
     """One process: the micro-batch split (bucket size) and the policy change nothing but the plan."""
-    base = train(tmp_path / "a", dataset, schedule="naive", batch_size=16, bucket_size=8192, dump_grads=True)
+    base = train(tmp_path / "a", dataset, schedule="naive", batch_size=16, bucket_size=8192, dump_grads=True, **EVAL)
     for i, (policy, bucket) in enumerate([("skrull", 512), ("skrull_plus", 512), ("sorted", 512), ("naive", 600)]):
-        other = train(tmp_path / f"b{i}", dataset, schedule=policy, batch_size=16, bucket_size=bucket, dump_grads=True)
+        other = train(tmp_path / f"b{i}", dataset, schedule=policy, batch_size=16, bucket_size=bucket, dump_grads=True, **EVAL)
         assert_same_run(base, other, grads(tmp_path / "a"), grads(tmp_path / f"b{i}"))
     assert max(r["n_microbatches"] for r in other) > 1  # the small bucket really split the batch
 
 
 def test_dp_policy_equivalence(tmp_path, dataset):
     """dp=2 x cp=1: naive, skrull and skrull_plus (both move sequences between DP ranks) give the same run."""
-    a = train(tmp_path / "naive", dataset, nproc=2, schedule="naive", dump_grads=True)
+    a = train(tmp_path / "naive", dataset, nproc=2, schedule="naive", dump_grads=True, **EVAL)
     for policy in ("skrull", "skrull_plus"):
-        b = train(tmp_path / policy, dataset, nproc=2, schedule=policy, dump_grads=True)
+        b = train(tmp_path / policy, dataset, nproc=2, schedule=policy, dump_grads=True, **EVAL)
         assert_same_run(a, b, grads(tmp_path / "naive"), grads(tmp_path / policy))
 
 
 def test_cp_equivalence(tmp_path, dataset):
     """cp = 1, 2, 4 (dp=1) under skrull, skrull_plus and naive: ring attention + DACP reproduce single-process
     training."""
-    ref = train(tmp_path / "cp1", dataset, schedule="skrull", batch_size=8, bucket_size=2048, dump_grads=True)
+    ref = train(tmp_path / "cp1", dataset, schedule="skrull", batch_size=8, bucket_size=2048, dump_grads=True, **EVAL)
     for cp, policy in [(2, "skrull"), (2, "skrull_plus"), (2, "naive"), (4, "skrull_plus")]:
         d = tmp_path / f"cp{cp}_{policy}"
-        m = train(d, dataset, nproc=cp, cp=cp, schedule=policy, batch_size=8, bucket_size=2048 // cp, dump_grads=True)
+        m = train(d, dataset, nproc=cp, cp=cp, schedule=policy, batch_size=8, bucket_size=2048 // cp, dump_grads=True, **EVAL)
         assert_same_run(ref, m, grads(tmp_path / "cp1"), grads(d))
 
 
 def test_small_bucket_rolls_back(tmp_path, dataset):
     """A deliberately small bucket (160 tokens per rank; the longest sample has 161) forces DACP's
     roll-back on this data; the run stays inside the bucket and still computes the same losses."""
-    ref = train(tmp_path / "ref", dataset, batch_size=8, bucket_size=2048, max_iters=3)
-    m = train(tmp_path / "rb", dataset, nproc=2, cp=2, schedule="skrull", batch_size=8, bucket_size=160, max_iters=3)
+    ref = train(tmp_path / "ref", dataset, batch_size=8, bucket_size=2048, max_iters=3, **EVAL)
+    m = train(tmp_path / "rb", dataset, nproc=2, cp=2, schedule="skrull", batch_size=8, bucket_size=160, max_iters=3, **EVAL)
     assert all(r["peak_tokens_per_rank"] <= 160 for r in m)
     assert sum(r["rollbacks"] for r in m) > 0
     assert_same_run(ref, m)
@@ -165,7 +208,7 @@ def test_attention_plan_built_once_per_microbatch(tmp_path, dataset, monkeypatch
     monkeypatch.setattr(context_parallel.AttnPlan, "__init__", counting_init)
     monkeypatch.setattr(model.Transformer, "forward", counting_forward)
     args = dict(out_dir=str(tmp_path), dataset=dataset, batch_size=8, bucket_size=400, max_iters=2,
-                checkpoint_interval=0, device="cpu", dtype="float32")
+                checkpoint_interval=0, device="cpu", dtype="float32", eval_interval=0, export=False)
     monkeypatch.setattr(sys, "argv", ["train.py", "config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in args.items()])
     monkeypatch.chdir(ROOT)
     runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
@@ -180,3 +223,39 @@ def test_bench_gpu_without_cuda_says_so_in_one_line():
     r = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lora_equivalence_and_peft(tmp_path, dataset):
+    """LoRA on a (random) Hugging Face Qwen2 checkpoint: losses, eval losses and adapter gradients equal for
+    skrull vs naive and cp=1 vs cp=2; frozen weights unchanged and without optimizer state; the PEFT
+    adapter that train.py writes loads with peft and gives the logits of our model and of the merged export."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_lora import load_hf, random_hf
+    base = tmp_path / "base"
+    random_hf(base, tie=True)
+    lora = dict(init_from=str(base), lora_rank=4, lora_alpha=8, lora_targets="all", batch_size=8, bucket_size=2048,
+                dump_grads=True, **EVAL)
+    ref = train(tmp_path / "ref", dataset, schedule="skrull", checkpoint_interval=100, export=True, **lora)
+    for name, nproc, cp, policy in [("naive", 1, 1, "naive"), ("cp2", 2, 2, "skrull")]:
+        m = train(tmp_path / name, dataset, nproc=nproc, cp=cp, schedule=policy, **{**lora, "bucket_size": 2048 // cp})
+        assert_same_run(ref, m, grads(tmp_path / "ref"), grads(tmp_path / name))
+    assert ref[-1]["loss"] < ref[0]["loss"] and any("eval_loss" in r for r in ref)
+    assert grads(tmp_path / "ref").keys() == {n for n in grads(tmp_path / "ref") if ".lora_" in n} != set()
+
+    ckpt = load_file(tmp_path / "ref" / "ckpt.safetensors")
+    optim = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in ckpt if k.startswith("optim.")}
+    assert optim and all(".lora_" in n for n in optim)  # no AdamW state for frozen weights
+    from model import Transformer
+    frozen = dict(Transformer.from_pretrained(base).named_parameters())  # a tied lm_head is embed_tokens
+    for n, t in frozen.items():
+        torch.testing.assert_close(ckpt[f"model.{n}"], t, atol=0, rtol=0)  # untouched by training
+
+    from export import load_checkpoint_model
+    ours, _ = load_checkpoint_model(str(tmp_path / "ref"))
+    idx = torch.randint(0, 264, (2, 40))
+    with torch.no_grad():
+        logits = ours(idx)[0]
+        with_adapter = peft.PeftModel.from_pretrained(load_hf(base), tmp_path / "ref" / "adapter").eval()
+        torch.testing.assert_close(with_adapter(input_ids=idx).logits, logits, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(load_hf(tmp_path / "ref" / "hf")(input_ids=idx).logits, logits, atol=2e-5, rtol=1e-4)
