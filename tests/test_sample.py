@@ -101,3 +101,8 @@ def test_cli_errors_are_one_line(tmp_path):
     rc, out, err = run_sample("--hf_dir", str(tmp_path / "hf"), "--tokenizer=byte", "--prompt_file", str(tmp_path / "p.txt"),
                               "--max_new_tokens=5", "--temperature=0")
     assert rc == 0, err
+    from data.prepare import get_tokenizer
+    from sample import chat_prompt
+    tok = get_tokenizer("byte")  # the same prompt rendered and decoded in-process
+    new = generate(random_model(), chat_prompt(tok, "upper abc"), 5, temperature=0, eos_id=tok.eos_id)
+    assert out == tok.decode([t for t in new if t != tok.eos_id]) + "\n"
