@@ -6,6 +6,7 @@ Benchmarks, one file, one subcommand each:
     python bench.py e2e       # every policy end to end (train.py), measured vs CostModel's prediction
     python bench.py gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
     python bench.py memory    # FSDP2 vs all-reduce on CPU; on a GPU, measured peak memory vs memory.py's model
+    python bench.py lora      # LoRA vs full fine-tuning: trainable params, optimizer-state bytes, tokens/s
 """
 import statistics
 import sys
@@ -550,7 +551,8 @@ def bench_memory(argv):
         for mode in ("none", "full", "selective"):
             recs = _train_run(f"{tmp}/{mode}", 1, dict(cp=1, fsdp=True, activation_checkpoint=mode, max_iters=iters,
                                                       bucket_size=args.bucket_size, synthetic_max_len=args.bucket_size,
-                                                      batch_size=args.batch_size, checkpoint_interval=0),
+                                                      batch_size=args.batch_size, checkpoint_interval=0,
+                                                      eval_interval=0, export=False),
                               config="config/long_sft.py")
             for r in recs:
                 m, p = r["max_memory_allocated"], r["predicted_memory"]
@@ -563,7 +565,8 @@ def bench_memory(argv):
     for rep in range(args.reps):
         ms = {}
         for fsdp in (False, True):
-            recs = _train_run(f"{tmp}/{rep}_{fsdp}", 4, dict(cp=2, fsdp=fsdp, max_iters=iters, checkpoint_interval=0, threads=1))
+            recs = _train_run(f"{tmp}/{rep}_{fsdp}", 4, dict(cp=2, fsdp=fsdp, max_iters=iters, checkpoint_interval=0, threads=1,
+                                                                   eval_interval=0, export=False))
             ms[fsdp] = statistics.median(r["dt_ms"] for r in recs[1:])
             state[fsdp] = (recs[0]["state_bytes_per_rank"], recs[0]["peak_state_bytes_per_rank"])
         ratios.append(ms[True] / ms[False])
@@ -690,6 +693,69 @@ def bench_e2e(argv):
             out.append(f"{m_ratio:.2f}x ({reps.min():.2f}-{reps.max():.2f}) / {p_ratio:.2f}x")
         print(f"| {label} | {dp}x{cp} | " + " | ".join(out) + " |")
     print(f"largest gap between a predicted and a measured speedup: {worst * 100:.0f}%")
+
+
+
+def bench_lora(argv):
+    """LoRA vs full fine-tuning in one command: train.py config/long_sft_cpu.py (skrull schedule, 1 process,
+    1 thread) with and without adapters on the same global batches, the two alternating. Trainable
+    parameters and optimizer-state bytes are read back from each run's checkpoint (the AdamW tensors it
+    holds: exp_avg, exp_avg_sq, step); tokens/s is the median over the timed steps of a run, and the table
+    gives the median and the range over --reps runs.
+        python bench.py lora [--iters 30] [--reps 3] [--lora_rank 8] [--lora_targets all]"""
+    import argparse
+    import os
+    import tempfile
+    from safetensors import safe_open
+
+    ap = argparse.ArgumentParser(prog="python bench.py lora")
+    ap.add_argument("--iters", type=int, default=30, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the timing")
+    ap.add_argument("--reps", type=int, default=3, help="runs per setting, alternating LoRA and full")
+    ap.add_argument("--lora_rank", type=int, default=8)
+    ap.add_argument("--lora_targets", default="all")
+    ap.add_argument("--model_preset", default="tiny", help="model.PRESETS key")
+    args = ap.parse_args(argv)
+    settings = {"full": {}, "lora": {"lora_rank": args.lora_rank, "lora_alpha": 2 * args.lora_rank,
+                                     "lora_targets": args.lora_targets}}
+    tmp = tempfile.mkdtemp(prefix="skrull_lora_")  # kept: run logs for inspection
+    tps, state = {k: [] for k in settings}, {}
+    for rep in range(args.reps):
+        for name in (settings if rep % 2 == 0 else list(settings)[::-1]):
+            out = os.path.join(tmp, f"{name}_{rep}")
+            m = _train_run(out, 1, dict(max_iters=args.iters, checkpoint_interval=args.iters, threads=1, export=False,
+                                        model_preset=args.model_preset, eval_interval=0, **settings[name]))
+            tps[name].append(statistics.median(r["tok_per_s"] for r in m[args.warmup:]))
+            with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+                optim = {k: f.get_slice(k) for k in f.keys() if k.startswith("optim.")}
+                trainable = sum(_numel(s.get_shape()) for k, s in optim.items() if k.endswith(".exp_avg"))
+                nbytes = sum(_numel(s.get_shape()) * _itemsize(s.get_dtype()) for s in optim.values())
+            state[name] = (trainable, nbytes)
+            print(f"  {name} rep {rep}: {tps[name][-1]:,.0f} tok/s (median of steps {args.warmup}..{args.iters - 1})", flush=True)
+    print(f"\nLoRA (r={args.lora_rank}, alpha={2 * args.lora_rank}, targets {args.lora_targets}) vs full fine-tuning, "
+          f"model preset {args.model_preset}, train.py config/long_sft_cpu.py, 1 process x 1 thread, "
+          f"{args.iters - args.warmup} timed steps x {args.reps} runs each, alternating")
+    print("| setting | trainable params | vs full | optimizer-state bytes | tok/s median | tok/s range |")
+    print("|---|---|---|---|---|---|")
+    for name in settings:
+        trainable, nbytes = state[name]
+        t = sorted(tps[name])
+        print(f"| {name} | {trainable:,} | {100 * trainable / state['full'][0]:.1f}% | {nbytes:,} | "
+              f"{statistics.median(t):,.0f} | {t[0]:,.0f}-{t[-1]:,.0f} |")
+    ratio = statistics.median(tps["lora"]) / statistics.median(tps["full"])
+    print(f"LoRA / full: {state['lora'][0] / state['full'][0]:.3f}x trainable parameters, "
+          f"{state['lora'][1] / state['full'][1]:.3f}x optimizer state, {ratio:.2f}x tokens/s")
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype):  # safetensors dtype names
+    return {"F64": 8, "F32": 4, "I64": 8, "F16": 2, "BF16": 2, "I32": 4}[dtype]
 
 # -----------------------------------------------------------------------------
 # gpu
@@ -968,7 +1034,8 @@ def bench_gpu(argv):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    commands = {"ring": bench_ring, "profile": bench_profile, "e2e": bench_e2e, "gpu": bench_gpu, "memory": bench_memory}
+    commands = {"ring": bench_ring, "profile": bench_profile, "e2e": bench_e2e, "gpu": bench_gpu, "memory": bench_memory,
+                "lora": bench_lora}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python bench.py {{{','.join(commands)}}} [options]")
     commands[sys.argv[1]](sys.argv[2:])

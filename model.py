@@ -7,6 +7,7 @@ The pieces, in the order they appear:
     RoPE              rotary positions, Hugging Face "rotate-half" layout, base rope_theta
     varlen_attention  THE attention seam: causal attention over packed variable-length sequences,
                       through the kernels of context_parallel.py (the same that compute ring blocks)
+    KVCache           an attn_fn for generation: caches each layer's keys and values (sample.py)
     Attention         grouped-query attention (GQA); q/k/v projections have a bias, o_proj has none
     MLP               SwiGLU: down(silu(gate(x)) * up(x))
     Block             pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); optional
@@ -147,6 +148,36 @@ def varlen_attention(q, k, v, cu_seqlens):
     cost is sum(L_i^2), never the (N x N) block-diagonal mask. Reads cu_seqlens on the host: a model
     forward builds its AttnPlan once and shares it with every layer (Transformer.forward)."""
     return attention(q, k, v, AttnPlan(None, cu_seqlens, q.device))
+
+
+class KVCache:
+    """Keys and values of one sequence for generation, every layer, preallocated for max_tokens.
+    It is an attn_fn (the model's one attention seam): the model calls it once per layer, in order, with
+    the new tokens' q, k, v; it appends k, v to that layer's cache and attends the new queries to every
+    cached key, causally. The layer is found by counting calls, so a forward pass must go through all
+    layers (Transformer.forward always does). Pass the new tokens' position_ids explicitly."""
+
+    def __init__(self, n_layer, max_tokens):
+        self.n_layer, self.max_tokens = n_layer, max_tokens
+        self.k, self.v = [None] * n_layer, [None] * n_layer  # each (max_tokens, Hkv, D), made on first use
+        self.length, self._layer = 0, 0  # tokens cached in every layer; the layer the next call is for
+
+    def __call__(self, q, k, v):  # q (n, H, D), k/v (n, Hkv, D) for n new tokens -> (n, H, D)
+        i, n, S = self._layer, q.shape[0], self.length + q.shape[0]
+        if S > self.max_tokens:
+            raise ValueError(f"KV cache holds {self.max_tokens} tokens, {S} requested")
+        if self.k[i] is None:
+            self.k[i] = k.new_empty(self.max_tokens, *k.shape[1:])
+            self.v[i] = v.new_empty(self.max_tokens, *v.shape[1:])
+        self.k[i][S - n:S], self.v[i][S - n:S] = k, v
+        self._layer = (i + 1) % self.n_layer
+        if self._layer == 0:
+            self.length = S
+        # new token t sits at S - n + t and sees keys 0 .. S - n + t (causal, bottom-right aligned)
+        mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - n, S, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], self.k[i][:S].transpose(0, 1)[None],
+                                             self.v[i][:S].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+        return out[0].transpose(0, 1)
 
 
 def positions_from_cu_seqlens(cu_seqlens, n_tokens):

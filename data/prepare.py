@@ -3,6 +3,7 @@ JSONL of SFT samples -> a prepared dataset directory the trainer memory-maps.
 
     python data/prepare.py --input sft.jsonl --out_dir data/my_sft [--tokenizer cl100k_base]
                            [--max_len 32768] [--overlong error|truncate] [--overwrite]
+                           [--default_system "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."]
 
 or from Python: prepare("sft.jsonl", "data/my_sft", tokenizer="byte", max_len=4096).
 
@@ -11,8 +12,13 @@ Input: one JSON object per line (blank lines are skipped), either
 or  {"prompt": "...", "response": "..."}     (optional "system": "..."), which is the same as a
     system turn (if given) + a user turn + an assistant turn. Other keys (ids, sources) are ignored.
 
-Rendering: Qwen's ChatML layout, one turn after another, no default system prompt added:
+Rendering: Qwen's ChatML layout, one turn after another:
     <|im_start|>{role}\n{content}<|im_end|>\n
+No system turn is added unless default_system is given: then every conversation that does not start
+with a system turn gets ("system", default_system) first. Qwen2.5's chat template does that at inference
+with "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", so a model that will be
+served through that template should be fine-tuned with the same prefix (README, "Qwen's default system
+prompt"). meta.json records it as default_system, and sample.py renders prompts the same way.
 Loss mask: 1 on the tokens of every assistant turn's content *and its closing <|im_end|>* (the model
 must learn to stop), 0 on everything else (role headers, system/user turns, the "\n" after <|im_end|>).
 The header, the content and the closing "\n" are tokenized separately, so the mask boundary is exact;
@@ -255,7 +261,7 @@ def encode_chat(tok, turns):
 
 
 def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong="error",
-            overwrite=False, extra_meta=None, verbose=True):
+            overwrite=False, extra_meta=None, verbose=True, default_system=None):
     """Tokenize `input_path` (JSONL) into `out_dir`; returns out_dir. Raises DataError naming
     file:line on bad input, FileExistsError if out_dir exists and not overwrite.
     overlong: what to do with a sample longer than max_len tokens: "error", or "truncate" (keep the
@@ -264,6 +270,8 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
         raise ValueError(f"overlong must be 'error' or 'truncate', got {overlong!r}")
     if max_len is not None and max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if default_system is not None and not default_system.strip():
+        raise ValueError("default_system is empty: give the system prompt's text, or leave it out")
     out_dir = os.path.abspath(out_dir)
     if not os.path.isfile(input_path):
         raise DataError(f"{input_path}: no such file")
@@ -274,7 +282,7 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(out_dir, "tmp"), dir=parent)
     try:
-        meta = _write(input_path, tmp, tok, max_len, overlong, verbose)
+        meta = _write(input_path, tmp, tok, max_len, overlong, verbose, default_system)
         meta.update(extra_meta or {})
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -291,7 +299,7 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
     return out_dir
 
 
-def _write(input_path, tmp, tok, max_len, overlong, verbose):
+def _write(input_path, tmp, tok, max_len, overlong, verbose, default_system=None):
     offsets, n_tokens, n_trained, max_id, n_trunc, n_skip = [0], 0, 0, 0, 0, 0
     with open(input_path, "rb") as src, open(os.path.join(tmp, "tokens.bin"), "wb") as ft, \
             open(os.path.join(tmp, "mask.bin"), "wb") as fm:
@@ -310,6 +318,8 @@ def _write(input_path, tmp, tok, max_len, overlong, verbose):
                 turns = parse_sample(obj)
             except ValueError as e:
                 raise DataError(f"{input_path}:{lineno}: {e}") from None
+            if default_system is not None and turns[0][0] != "system":
+                turns.insert(0, ("system", default_system))
             ids, mask = encode_chat(tok, turns)
             if max_len is not None and len(ids) > max_len:
                 if overlong == "error":
@@ -345,7 +355,7 @@ def _write(input_path, tmp, tok, max_len, overlong, verbose):
         "n_seqs": len(offsets) - 1, "n_tokens": n_tokens, "n_trained_tokens": n_trained,
         "max_token_id": max_id, "max_len": max_len, "overlong": overlong,
         "n_truncated": n_trunc, "n_skipped": n_skip, "source": os.path.abspath(input_path),
-        "chat_format": "chatml", "mask": "assistant content + its <|im_end|>",
+        "chat_format": "chatml", "mask": "assistant content + its <|im_end|>", "default_system": default_system,
         "dtypes": {"tokens": "uint32", "mask": "uint8", "offsets": "int64"},
     }
 
@@ -507,6 +517,14 @@ def global_batch(n_seqs, n_global, it, seed):
     return perm[k * n_global:(k + 1) * n_global]
 
 
+def heldout_split(n_seqs, eval_fraction, seed):
+    """(train indices, held-out indices), both sorted int64 arrays: round(eval_fraction * n_seqs) samples
+    chosen by a seeded permutation (its own stream, independent of global_batch's), never trained on."""
+    n_eval = int(round(eval_fraction * n_seqs))
+    perm = np.random.default_rng([seed, 0xE7A1]).permutation(n_seqs)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
 def load_dataset(path):
     return PreparedDataset(path)
 
@@ -521,12 +539,15 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=None, help="longest sample in tokens (default: no limit)")
     p.add_argument("--overlong", choices=("error", "truncate"), default="error")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--default_system", default=None, metavar="TEXT",
+                   help="system turn for conversations that have none (Qwen2.5's chat template adds one)")
     args = p.parse_args(argv)
     # `kill` (SIGTERM) ends the process without running cleanup code; as an exception it runs prepare()'s
     # cleanup like Ctrl-C does. kill -9 cannot be caught: the next run removes what it left (remove_stale_temps).
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        prepare(args.input, args.out_dir, args.tokenizer, args.max_len, args.overlong, args.overwrite)
+        prepare(args.input, args.out_dir, args.tokenizer, args.max_len, args.overlong, args.overwrite,
+                default_system=args.default_system)
     except (ValueError, FileExistsError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ Samples (byte tokenizer, so one character = one token and every length is hit ex
     the assistant answers the value. A small model first learns the answer format (5 digits, then
     <|im_end|>), then to copy the value from the context (an induction-head task).
   - short: "reverse abc" -> "cba" or "upper abc" -> "ABC", the string sized to hit the length.
+solve(prompt) recomputes the answer from the prompt alone (how sample.py --eval_synthetic scores a model).
 The JSONL is written to a temp file and goes through data/prepare.py like any user dataset. Everything
 is drawn from np.random.default_rng(seed), lengths first: sample_lengths(dist, n,
 np.random.default_rng(seed), max_len) gives exactly the dataset's lengths.
@@ -141,6 +142,26 @@ def make_sample(L, rng):
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 # -----------------------------------------------------------------------------
+# the answer a prompt asks for, computed from the prompt alone (sample.py --eval_synthetic scores with it)
+
+TASKS = ("reverse", "upper", "key-value")
+
+
+def solve(prompt):
+    """A synthetic user prompt -> (task, the exact answer). Raises ValueError for any other prompt."""
+    for task in ("reverse", "upper"):
+        for prefix in (task + " ", task + ": "):
+            if prompt.startswith(prefix) and prompt[len(prefix):].isalpha():
+                s = prompt[len(prefix):]
+                return task, (s[::-1] if task == "reverse" else s.upper())
+    ask = _ASK.split("{}")
+    if prompt.startswith(_HEAD) and prompt.endswith(ask[1]):
+        lines = prompt[len(_HEAD):].split("\n")
+        key = lines[-1][len(ask[0]):-len(ask[1])]
+        values = [l[len(key) + 2:] for l in lines[:-1] if l.startswith(key + ": ")]
+        if len(values) == 1:
+            return "key-value", values[0]
+    raise ValueError(f"not a synthetic prompt: {prompt[:60]!r}")
 
 
 def default_dir(dist="wikipedia", n=2000, max_len=4096, seed=0):

@@ -79,6 +79,26 @@ BAD = [  # (line content, expected words in the error)
 ]
 
 
+def test_default_system_prompt(tmp_path):
+    """--default_system adds a system turn where a conversation has none (Qwen2.5's template does so at
+    inference) and leaves a conversation's own system turn alone; sample.py renders prompts the same way."""
+    src = write_jsonl(tmp_path / "sft.jsonl", [CHAT, PR])
+    qwen = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    ds = load_dataset(prepare(src, tmp_path / "out", tokenizer="byte", verbose=False, default_system=qwen))
+    tok = get_tokenizer("byte")
+    assert tok.decode(ds.get(0)[0]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi")
+    ids, mask = ds.get(1)
+    assert tok.decode(ids) == (f"<|im_start|>system\n{qwen}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                               "<|im_start|>assistant\nhello<|im_end|>\n")
+    assert tok.decode(ids[mask]) == "hello<|im_end|>" and ds.meta["default_system"] == qwen
+    from sample import chat_prompt
+    prompt = chat_prompt(tok, "hi", ds.meta["default_system"])
+    assert prompt == ids[:len(prompt)].tolist() and not mask[:len(prompt)].any()  # up to the answer, exactly
+    with pytest.raises(ValueError, match="default_system is empty"):
+        prepare(src, tmp_path / "out2", tokenizer="byte", verbose=False, default_system=" ")
+    assert not os.path.exists(tmp_path / "out2")
+
+
 @pytest.mark.parametrize("line,words", BAD)
 def test_bad_input_names_file_and_line(tmp_path, line, words):
     src = write_jsonl(tmp_path / "bad.jsonl", [PR, "", line, PR])  # the bad sample is on line 3
