@@ -266,9 +266,10 @@ class CostModel:
         return self.a * self.lin_flops * s + self.a_attn * self.attn_flops * s * s + 2 * self.n_layer * self.b_seq
 
     def t_dist(self, s, cp):
-        """One rank's part of a distributed sequence: 1/cp of its compute, one sequence in every ring call."""
+        """One rank's part of a distributed sequence: 1/cp of its compute (the ring's cp steps each meet
+        1/cp^2 of the sequence's query-key pairs), one sequence in every ring call."""
         sp = padded_len(s, cp)
-        return (self.a * self.lin_flops * sp + self.a_ring * self.attn_flops * sp * sp / cp) / cp + \
+        return (self.a * self.lin_flops * sp + self.a_ring * self.attn_flops * sp * sp) / cp + \
             2 * self.n_layer * cp * self.b_seq
 
     def t_step(self, world):
@@ -308,13 +309,17 @@ class CostModel:
     def ideal_step_time(self, lengths, dp, cp, bucket_size, include_step=True):
         """Lower bound for any plan (perfect balance, no exposed communication, no per-call cost): the
         slowest rank is at least the average rank, whose busy time is at least the total work, each
-        sequence in its cheapest form (local if it fits, else distributed), plus one c_mb per bucket of
+        sequence in its cheapest form (local if it fits, or distributed), plus one c_mb per bucket of
         tokens, spread over dp*cp ranks; and at least the rank holding the costliest sequence."""
         work, longest = 0.0, 0.0
         for s in lengths:
-            options = ([self.t_local(s)] if s <= bucket_size else []) + ([self.t_dist(s, cp)] if cp > 1 else [])
-            work += self.t_local(s) if s <= bucket_size else cp * self.t_dist(s, cp)
-            longest = max(longest, min(options))
+            options = []  # (total work, time on its busiest rank) of each form the sequence may take
+            if s <= bucket_size:
+                options.append((self.t_local(s), self.t_local(s)))
+            if cp > 1:
+                options.append((cp * self.t_dist(s, cp), self.t_dist(s, cp)))
+            work += min(w for w, _ in options)
+            longest = max(longest, min(t for _, t in options))
         mbs_per_rank = sum(lengths) / (dp * cp * bucket_size)  # a rank holds <= C tokens per micro-batch
         t = max(work / (dp * cp) + mbs_per_rank * self.c_mb, longest + self.c_mb)
         return t + (self.t_step(dp * cp) if include_step else 0.0)
@@ -398,78 +403,95 @@ def refine(mb, lengths, bucket_size, cost=None):
     that rank's quadratic attention sets the micro-batch's time. Repeatedly apply the best of these
     moves while it lowers the micro-batch's slowest rank (CostModel.rank_time), within the bucket: move
     one of the slowest rank's local sequences (its 4 longest and 2 shortest) to the least busy rank that
-    can hold it, distribute one of its 2 longest, or make one of the 4 shortest distributed sequences
-    local on the least busy rank that can hold it (the candidate lists are short to keep the search
-    within milliseconds; each candidate costs a few CostModel.rank_time calls). Each rank
-    lists its local sequences longest first, so dacp_attention's per-step slices (local_slots) are
-    spread over the ring steps instead of piling the long ones into one step."""
+    can hold it, distribute one of its 2 longest, or make one of the 2 shortest distributed sequences
+    local on the least busy rank that can hold it. Each rank lists its local sequences longest first,
+    so dacp_attention's per-step slices (local_slots) are spread over the ring steps instead of piling
+    the long ones into one step.
+    Kept within a millisecond or two per micro-batch by three things that never change the result: the
+    candidate lists are short; a rank's time is computed once per (its sequences, the ring) and
+    remembered, since consecutive rounds revisit the same ranks; and a candidate is dropped as soon as
+    one rank reaches the best time found so far (the slowest rank can only be slower)."""
     cp = len(mb.local)
     if cp == 1:
         return mb
     cost = cost or default_cost()
     key = lambda k: (-lengths[k], k)  # noqa: E731  longest first
     local = [sorted(loc, key=key) for loc in mb.local]
-    dist = sorted(mb.distributed)
+    dist = tuple(sorted(mb.distributed))
+    rings, memo = {}, {}
 
-    def state(dist):
-        ring = cost.ring([lengths[k] for k in dist], cp) if dist else None
-        return ring, (ring.share if ring else 0)
+    def ring_of(dist):  # CostModel.ring of a set of distributed sequences, built once per set
+        if dist not in rings:
+            rings[dist] = cost.ring([lengths[k] for k in dist], cp) if dist else None
+        return rings[dist]
 
-    def rt(loc, ring, share):
-        return cost.rank_time(share + sum(lengths[k] for k in loc), [lengths[k] for k in loc], ring)
+    def share(dist):
+        ring = ring_of(dist)
+        return ring.share if ring else 0
 
-    def all_times(local, dist):
-        ring, share = state(dist)
-        return [rt(loc, ring, share) for loc in local], share
+    def rt(loc, dist):  # CostModel.rank_time of one rank, remembered
+        k = (dist, tuple(loc))
+        if k not in memo:
+            memo[k] = cost.rank_time(share(dist) + sum(lengths[x] for x in loc), [lengths[x] for x in loc], ring_of(dist))
+        return memo[k]
 
-    times, share = all_times(local, dist)
-    best = max(times)
+    def slowest(local, dist, limit, order):  # max over ranks (in `order`), given up at `limit`
+        m = 0.0
+        for i in order:
+            m = max(m, rt(local[i], dist))
+            if m >= limit:
+                break
+        return m
+
+    times = [rt(loc, dist) for loc in local]
     for _ in range(2 * cp):
-        ring, share = state(dist)
+        best = max(times)
         order = sorted(range(cp), key=lambda i: (times[i], i))
         j = order[-1]
-        tok = [share + sum(lengths[k] for k in loc) for loc in local]
+        tok = [share(dist) + sum(lengths[k] for k in loc) for loc in local]
         move, move_t = None, best * (1 - 1e-9)
-        for v in dict.fromkeys(local[j][:4] + local[j][-2:]):  # move v: only two ranks change
-            rest_j = sorted(local[j][:local[j].index(v)] + local[j][local[j].index(v) + 1:], key=key)
-            tj = rt(rest_j, ring, share)
+        for v in dict.fromkeys(local[j][:4] + local[j][-2:]):  # move v: only ranks j and i change
+            rest_j = [x for x in local[j] if x != v]
+            tj = rt(rest_j, dist)
+            if tj >= move_t:
+                continue
             for i in order[:-1]:
                 if tok[i] + lengths[v] <= bucket_size:
-                    new_i = sorted(local[i] + [v], key=key)
-                    m = max([tj, rt(new_i, ring, share)] + [times[x] for x in range(cp) if x not in (i, j)])
+                    others = next((times[x] for x in reversed(order) if x not in (i, j)), 0.0)
+                    m = max(tj, others)
                     if m < move_t:
-                        move, move_t = (v, j, i), m
+                        m = max(m, rt(sorted(local[i] + [v], key=key), dist))
+                    if m < move_t:
+                        move, move_t = ("move", v, i), m
                     break  # the least busy rank that can hold v
         shortest = sorted(dist, key=lambda k: (lengths[k], k))[:2]
         cands = [("dist", v) for v in local[j][:2]] + [("local", v) for v in shortest]
         for kind, v in cands:  # these change the ring, so every rank changes
-            new_dist = sorted(dist + [v]) if kind == "dist" else [x for x in dist if x != v]
-            new_ring, new_share = state(new_dist)
+            new_dist = tuple(sorted(dist + (v,))) if kind == "dist" else tuple(x for x in dist if x != v)
+            new_share = share(new_dist)
             if kind == "dist":
                 new_local = [[x for x in loc if x != v] for loc in local]
             else:
-                cap = [new_share + sum(lengths[k] for k in loc) + lengths[v] for loc in local]
-                fits = [i for i in order if cap[i] <= bucket_size]
+                fits = [i for i in order if new_share + tok[i] - share(dist) + lengths[v] <= bucket_size]
                 if not fits:
                     continue
                 new_local = [sorted(loc + [v], key=key) if i == fits[0] else loc for i, loc in enumerate(local)]
             if any(new_share + sum(lengths[k] for k in loc) > bucket_size for loc in new_local):
                 continue
-            m = max(rt(loc, new_ring, new_share) for loc in new_local)
+            m = slowest(new_local, new_dist, move_t, order[::-1])  # the slowest rank so far first
             if m < move_t:
-                move, move_t = (kind, v, new_dist, new_local), m
+                move, move_t = (kind, new_dist, new_local), m
         if move is None:
             break
-        if len(move) == 3:
-            v, j, i = move
-            local[j].remove(v)
+        if move[0] == "move":
+            _, v, i = move
+            local[j] = [x for x in local[j] if x != v]
             local[i] = sorted(local[i] + [v], key=key)
-            times[j], times[i] = rt(local[j], ring, share), rt(local[i], ring, share)
+            times[j], times[i] = rt(local[j], dist), rt(local[i], dist)
         else:
-            dist, local = move[2], move[3]
-            times, share = all_times(local, dist)
-        best = max(times)
-    return MicroBatch(dist, local, mb.rollbacks)
+            _, dist, local = move
+            times = [rt(loc, dist) for loc in local]
+    return MicroBatch(list(dist), local, mb.rollbacks)
 
 # -----------------------------------------------------------------------------
 # 4. GDS (Algorithm 2), the baselines, and schedule()
