@@ -2,7 +2,7 @@
 Skrull's data scheduler (Xu et al., arXiv 2505.19609): which rank computes which sequence.
 
 Pieces, top to bottom:
-  1. MicroBatch, padded_len        the plan's vocabulary (what schedule() returns)
+  1. MicroBatch, padded_len        the plan's vocabulary (DESIGN.md section 5)
   2. CostModel                     FLOPs; a rank's time in a micro-batch following dacp_attention step by
                                    step (rank_time), written once and used by everything below
   3. dacp                          Algorithm 1: local vs distributed per micro-batch, with roll-back
@@ -14,7 +14,6 @@ The simulator of the paper's setups and the exact MILP optimum live in simulate.
 Pure Python + numpy: no torch, no torch.distributed. Every rank calls schedule() with the same
 lengths and gets the same plan (all ties broken by index, randomness only from `seed`).
 """
-import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ def padded_len(s, cp):
 #   F_lin(s)  = 3 s (n_layer (4 h^2 + 4 h h_kv + 6 h I) + 2 h V)
 #   F_attn(s) = 3 n_layer 2 h s^2        (1/3 of it in the forward, 2/3 in the backward)
 # For Qwen2.5-0.5B the quadratic term overtakes the per-layer linear one at s = 2h + 2h_kv + 3I = 16.6K
-# tokens (23K counting the lm_head). The paper quotes ~4.6K; its figure counts
+# tokens (23K counting the lm_head). DESIGN.md quotes ~4.6K from the paper; the paper's figure counts
 # a narrower MLP (4h) and no causal halving. Measured time is what matters: a, a_attn, a_ring are fitted.
 
 SHAPES = {  # the paper's two models (Hugging Face config.json shapes), so this file needs no torch import
@@ -112,24 +111,25 @@ def local_slots(local_lengths, cp):
     """How dacp_attention spreads a rank's local sequences over the cp ring steps (context_parallel.AttnPlan,
     mirrored): in order, by cumulative attention cost sum(L^2), a sequence never split.
     -> {step: lengths} for the steps that get any."""
-    slots, done = {}, 0
-    total = sum(s * s for s in local_lengths)
-    for s in local_lengths:
-        slots.setdefault(min(cp - 1, done * cp // total) if total else 0, []).append(s)
-        done += s * s
+    slots = {}
+    for i, s in zip(_slot_steps(local_lengths, cp), local_lengths):
+        slots.setdefault(i, []).append(s)
     return slots
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _slot_sums(local_lengths, cp):
-    """local_slots as (step, sequences, sum of L^2) triples; cached: refine() asks for the same ranks
-    again and again with different rings."""
-    return tuple((i, len(v), sum(s * s for s in v)) for i, v in local_slots(local_lengths, cp).items())
+def _slot_steps(local_lengths, cp):
+    """The ring step of each local sequence (local_slots): non-decreasing."""
+    total = sum(s * s for s in local_lengths)
+    steps, done = [], 0
+    for s in local_lengths:
+        steps.append(min(cp - 1, done * cp // total))
+        done += s * s
+    return steps
 
 
 class CostModel:
     """Time and memory of a micro-batch on one CP rank, following context_parallel.dacp_attention step by
-    step (the paper's cost model, re-derived for this code). Every constant is per layer and
+    step (the paper's cost model, DESIGN.md 2, re-derived for this code). Every constant is per layer and
     per pass unless said; `bench.py profile` fits them all on its own runs.
 
     A rank's time in a micro-batch (rank_time):
@@ -247,16 +247,41 @@ class CostModel:
             return t + self.n_layer * (2 * (self.b_call + self.b_seq * n) * (n > 0) + a_attn * sum(s * s for s in local_lengths))
         N = ring.cp
         per_layer = (N - 1) * ring.empty[0] + ring.empty[1]  # every step without a local slice ...
-        for i, n, sq in _slot_sums(tuple(local_lengths), N):  # ... then the steps that have one
-            last = i == N - 1
-            per_layer += self._step(ring, self.b_call + self.b_seq * n, a_attn * sq, last) - ring.empty[last]
+        steps = _slot_steps(local_lengths, N) + [-1]
+        n = sq = 0
+        for k, s in enumerate(local_lengths):  # ... then each step that has one (steps come in order)
+            n, sq = n + 1, sq + s * s
+            if steps[k + 1] != steps[k]:
+                last = steps[k] == N - 1
+                per_layer += self._step(ring, self.b_call + self.b_seq * n, a_attn * sq, last) - ring.empty[last]
+                n = sq = 0
         return t + self.n_layer * per_layer
+
+    def rank_time_bound(self, tokens, n_local, sq_local, ring=None):
+        """A lower bound on rank_time from sums alone (tokens, how many local sequences, their sum of
+        L^2), for pruning searches: rank_time with the local slices' placement over the ring steps
+        forgotten. Each step takes max(x + (1-o) c, c + (1-o) x) for compute x and communication c, and a
+        sum of maxima is at least the max of the sums; the local work needs at least one call per pass.
+        Without a ring it is rank_time exactly."""
+        if not tokens:
+            return 0.0
+        t = self.c_mb + self.a * self.lin_flops * tokens
+        a_attn = self.a_attn * self.attn_flops / self.n_layer
+        call = (self.b_call + self.b_seq * n_local) * (n_local > 0)
+        if ring is None or ring.n == 0:
+            return t + self.n_layer * (2 * call + a_attn * sq_local)
+        N, o = ring.cp, self.comm_overlap
+        x = 2 * call + 2 * N * ring.block + a_attn * sq_local + N * ring.attn  # compute, fwd + bwd, every step
+        c = 2 * (N - 1) * ring.hop + N * ring.hop32                           # communication
+        return t + self.n_layer * max(x + (1 - o) * c, c + (1 - o) * x)
 
     def rank_times(self, mb, lengths):
         """Estimated seconds of micro-batch mb on each CP rank (0 for a rank with nothing to do)."""
         cp = len(mb.local)
         ring = self.ring([lengths[k] for k in mb.distributed], cp) if mb.distributed else None
         share = ring.share if ring else 0
+        if not any(mb.local):  # every rank holds the same shares
+            return [self.rank_time(share, [], ring)] * cp
         return [self.rank_time(share + sum(lengths[k] for k in loc), [lengths[k] for k in loc], ring)
                 for loc in mb.local]
 
@@ -401,16 +426,19 @@ def refine(mb, lengths, bucket_size, cost=None):
     """Ours, not in the paper (skrull_plus): cost-aware local search after Algorithm 1. Algorithm 1 keeps
     a sequence whole whenever it fits, so a 20K-token sequence under a 26K bucket stays on one rank and
     that rank's quadratic attention sets the micro-batch's time. Repeatedly apply the best of these
-    moves while it lowers the micro-batch's slowest rank (CostModel.rank_time), within the bucket: move
-    one of the slowest rank's local sequences (its 4 longest and 2 shortest) to the least busy rank that
-    can hold it, distribute one of its 2 longest, or make one of the 2 shortest distributed sequences
-    local on the least busy rank that can hold it. Each rank lists its local sequences longest first,
-    so dacp_attention's per-step slices (local_slots) are spread over the ring steps instead of piling
-    the long ones into one step.
-    Kept within a millisecond or two per micro-batch by three things that never change the result: the
-    candidate lists are short; a rank's time is computed once per (its sequences, the ring) and
-    remembered, since consecutive rounds revisit the same ranks; and a candidate is dropped as soon as
-    one rank reaches the best time found so far (the slowest rank can only be slower)."""
+    moves while it lowers the micro-batch's slowest rank j (CostModel.rank_time), within the bucket:
+      move     one of j's local sequences (its 4 longest and 2 shortest) to the least busy rank that
+               can hold it (only two ranks change);
+      dist     distribute one of j's 2 longest;
+      local    make one of the 2 shortest distributed sequences local on the least busy rank that can
+               hold it (these two change the ring, so every rank changes).
+    Each rank lists its local sequences longest first, so dacp_attention's per-step slices
+    (local_slots) are spread over the ring steps instead of piling the long ones into one step.
+    Kept to a millisecond or so per micro-batch without changing the result: every candidate is first
+    bounded from per-rank sums (CostModel.rank_time_bound, O(1)) and computed only if the bound can
+    beat the best so far, moves in order of their bound (branch and bound); a rank's time is
+    remembered per (its sequences, the ring), since rounds revisit the same ranks; and a candidate is
+    dropped as soon as one rank reaches the best time found so far."""
     cp = len(mb.local)
     if cp == 1:
         return mb
@@ -418,67 +446,72 @@ def refine(mb, lengths, bucket_size, cost=None):
     key = lambda k: (-lengths[k], k)  # noqa: E731  longest first
     local = [sorted(loc, key=key) for loc in mb.local]
     dist = tuple(sorted(mb.distributed))
+    ltok = [sum(lengths[k] for k in loc) for loc in local]        # per rank: local tokens, sum of L^2
+    lsq = [sum(lengths[k] ** 2 for k in loc) for loc in local]
     rings, memo = {}, {}
 
-    def ring_of(dist):  # CostModel.ring of a set of distributed sequences, built once per set
+    def ring_of(dist):  # (CostModel.ring, this rank's share of it, a number naming it), once per set
         if dist not in rings:
-            rings[dist] = cost.ring([lengths[k] for k in dist], cp) if dist else None
+            ring = cost.ring([lengths[k] for k in dist], cp) if dist else None
+            rings[dist] = (ring, ring.share if ring else 0, len(rings))
         return rings[dist]
 
-    def share(dist):
-        ring = ring_of(dist)
-        return ring.share if ring else 0
-
-    def rt(loc, dist):  # CostModel.rank_time of one rank, remembered
-        k = (dist, tuple(loc))
+    def rt(loc, R):  # CostModel.rank_time of one rank, remembered
+        k = (R[2], tuple(loc))
         if k not in memo:
-            memo[k] = cost.rank_time(share(dist) + sum(lengths[x] for x in loc), [lengths[x] for x in loc], ring_of(dist))
+            memo[k] = cost.rank_time(R[1] + sum(lengths[x] for x in loc), [lengths[x] for x in loc], R[0])
         return memo[k]
 
-    def slowest(local, dist, limit, order):  # max over ranks (in `order`), given up at `limit`
-        m = 0.0
-        for i in order:
-            m = max(m, rt(local[i], dist))
-            if m >= limit:
-                break
-        return m
+    def bound(tok, n, sq, R):
+        return cost.rank_time_bound(R[1] + tok, n, sq, R[0])
 
-    times = [rt(loc, dist) for loc in local]
+    R = ring_of(dist)
+    times = [rt(loc, R) for loc in local]
     for _ in range(2 * cp):
-        best = max(times)
         order = sorted(range(cp), key=lambda i: (times[i], i))
         j = order[-1]
-        tok = [share(dist) + sum(lengths[k] for k in loc) for loc in local]
-        move, move_t = None, best * (1 - 1e-9)
-        for v in dict.fromkeys(local[j][:4] + local[j][-2:]):  # move v: only ranks j and i change
-            rest_j = [x for x in local[j] if x != v]
-            tj = rt(rest_j, dist)
-            if tj >= move_t:
+        move, move_t, move_n = None, times[j] * (1 - 1e-9), -1
+        cands = []  # moves, bounded: (bound, n, v, i, the slowest unchanged rank)
+        for n, v in enumerate(dict.fromkeys(local[j][:4] + local[j][-2:])):
+            s = lengths[v]
+            i = next((i for i in order[:-1] if R[1] + ltok[i] + s <= bucket_size), None)
+            if i is None:
                 continue
-            for i in order[:-1]:
-                if tok[i] + lengths[v] <= bucket_size:
-                    others = next((times[x] for x in reversed(order) if x not in (i, j)), 0.0)
-                    m = max(tj, others)
-                    if m < move_t:
-                        m = max(m, rt(sorted(local[i] + [v], key=key), dist))
-                    if m < move_t:
-                        move, move_t = ("move", v, i), m
-                    break  # the least busy rank that can hold v
+            others = next((times[x] for x in reversed(order) if x not in (i, j)), 0.0)
+            lb = max(others, bound(ltok[j] - s, len(local[j]) - 1, lsq[j] - s * s, R),
+                     bound(ltok[i] + s, len(local[i]) + 1, lsq[i] + s * s, R))
+            cands.append((lb, n, v, i, others))
+        for lb, n, v, i, others in sorted(cands):  # the same choice as computing all in order n
+            if lb > move_t:
+                break
+            m = max(others, rt([x for x in local[j] if x != v], R), rt(sorted(local[i] + [v], key=key), R))
+            if (m, n) < (move_t, move_n):
+                move, move_t, move_n = ("move", v, i), m, n
         shortest = sorted(dist, key=lambda k: (lengths[k], k))[:2]
-        cands = [("dist", v) for v in local[j][:2]] + [("local", v) for v in shortest]
-        for kind, v in cands:  # these change the ring, so every rank changes
+        for kind, v in [("dist", v) for v in local[j][:2]] + [("local", v) for v in shortest]:
+            s = lengths[v]
             new_dist = tuple(sorted(dist + (v,))) if kind == "dist" else tuple(x for x in dist if x != v)
-            new_share = share(new_dist)
+            Rn = ring_of(new_dist)  # every rank's share of the ring changes by Rn[1] - R[1]
+            tok, n, sq = list(ltok), [len(loc) for loc in local], list(lsq)
             if kind == "dist":
-                new_local = [[x for x in loc if x != v] for loc in local]
-            else:
-                fits = [i for i in order if new_share + tok[i] - share(dist) + lengths[v] <= bucket_size]
-                if not fits:
+                r = j
+                tok[j], n[j], sq[j] = tok[j] - s, n[j] - 1, sq[j] - s * s
+                if Rn[1] + max(tok) > bucket_size:
                     continue
-                new_local = [sorted(loc + [v], key=key) if i == fits[0] else loc for i, loc in enumerate(local)]
-            if any(new_share + sum(lengths[k] for k in loc) > bucket_size for loc in new_local):
+            else:
+                r = next((i for i in order if Rn[1] + ltok[i] + s <= bucket_size), None)
+                if r is None:
+                    continue
+                tok[r], n[r], sq[r] = tok[r] + s, n[r] + 1, sq[r] + s * s
+            if any(bound(tok[i], n[i], sq[i], Rn) >= move_t for i in reversed(order)):
                 continue
-            m = slowest(new_local, new_dist, move_t, order[::-1])  # the slowest rank so far first
+            new_local = [sorted(loc + [v], key=key) if kind == "local" and i == r else
+                         [x for x in loc if x != v] for i, loc in enumerate(local)]
+            m = 0.0
+            for i in reversed(order):  # the slowest rank so far first; give up once it cannot win
+                m = max(m, rt(new_local[i], Rn))
+                if m >= move_t:
+                    break
             if m < move_t:
                 move, move_t = (kind, new_dist, new_local), m
         if move is None:
@@ -487,10 +520,13 @@ def refine(mb, lengths, bucket_size, cost=None):
             _, v, i = move
             local[j] = [x for x in local[j] if x != v]
             local[i] = sorted(local[i] + [v], key=key)
-            times[j], times[i] = rt(local[j], dist), rt(local[i], dist)
+            changed = (i, j)
         else:
             _, dist, local = move
-            times = [rt(loc, dist) for loc in local]
+            R, changed = ring_of(dist), range(cp)
+        for i in changed:
+            ltok[i], lsq[i] = sum(lengths[k] for k in local[i]), sum(lengths[k] ** 2 for k in local[i])
+            times[i] = rt(local[i], R)
     return MicroBatch(list(dist), local, mb.rollbacks)
 
 # -----------------------------------------------------------------------------
@@ -610,21 +646,20 @@ def skrull_plus(lengths, dp, cp, bucket_size, cost, t):
     naive's (every sequence distributed, dataset order), which wins on some bimodal batches."""
     plan = []
     for idx in gds_split(lengths, dp, cp, bucket_size, cost, t):
-        cands = []
+        tried = []  # per micro-batch count: (DACP placement, its time), (all distributed, its time)
         m0 = max(1, math.ceil(sum(lengths[k] for k in idx) / (bucket_size * cp)))
         for m in range(m0, m0 + PLUS_EXTRA_MB + 1):
             mbs = gds_microbatches(idx, lengths, cp, bucket_size, cost, t, m)
-            if cands and len(mbs) == len(cands[-1][1]):
+            if tried and len(mbs) == len(tried[-1][0][0]):
                 continue
             spread = [_all_distributed(mb.distributed + sum(mb.local, []), cp) for mb in mbs]
-            if any(max(mb.rank_tokens(lengths)) > bucket_size for mb in spread):
-                spread = mbs  # distributing everything pads every sequence to 2*cp: it may not fit
-            cands.append((min(cost.dp_rank_time(mbs, lengths), cost.dp_rank_time(spread, lengths)), mbs, spread))
-        _, mbs, spread = min(cands, key=lambda c: c[0])
-        cands = [c for _, *pair in cands for c in pair]
-        cands.append([refine(mb, lengths, bucket_size, cost) for mb in mbs])
-        plan.append(min(cands, key=lambda c: cost.dp_rank_time(c, lengths)))
-    naive = schedule(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy="naive")
+            tried.append(((mbs, cost.dp_rank_time(mbs, lengths)), (spread, cost.dp_rank_time(spread, lengths))))
+        (mbs, _), _ = min(tried, key=lambda pair: min(pair[0][1], pair[1][1]))
+        refined = [refine(mb, lengths, bucket_size, cost) for mb in mbs]
+        cands = [c for pair in tried for c in pair] + [(refined, cost.dp_rank_time(refined, lengths))]
+        plan.append(min(cands, key=lambda c: c[1])[0])  # ties: the first tried
+    naive = [[_all_distributed(g, cp) for g in _pack_in_order(r, lengths, cp, bucket_size)]
+             for r in _split(range(len(lengths)), dp)]  # schedule(policy="naive")
     return min((plan, naive), key=lambda p: cost.predict_step_time(p, lengths))
 
 
@@ -635,7 +670,7 @@ def schedule(lengths, *, dp, cp, bucket_size, policy="skrull", cost=None, seed=0
     """The plan for one global batch: a list (one per DP rank) of lists of MicroBatch.
 
     lengths: the GLOBAL batch's sequence lengths (dp * batch_size of them), in dataset order.
-    policy (the paper's baselines, Skrull and ours, on one code path):
+    policy (DESIGN.md section 3):
       naive        DeepSpeed-style: each DP rank takes a contiguous slice, packs it in dataset order into
                    micro-batches of at most cp*C tokens, every sequence distributed over the CP group.
       sorted       LongAlign sorted batching: sort the global batch by length, cut it into dp consecutive
