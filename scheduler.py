@@ -308,18 +308,18 @@ class CostModel:
         return self.t_optim + (world - 1) * (2 * self.p2p_latency + nbytes / world / self.p2p_bandwidth)
 
     # --- plans ---
-    def dp_rank_time(self, mbs, lengths, sync=False):
+    def dp_rank_time(self, mbs, lengths, sync=False, times=None):
         """Seconds for one DP rank's micro-batches, run back to back. CP ranks synchronise inside a
         micro-batch with distributed sequences (the ring); sync=True makes every micro-batch a barrier
-        (the MILP's objective, slightly pessimistic)."""
+        (the MILP's objective, slightly pessimistic). times: the micro-batches' rank_times, if known."""
         clocks = None
-        for mb in mbs:
-            times = self.rank_times(mb, lengths)
-            clocks = clocks or [0.0] * len(times)
+        for k, mb in enumerate(mbs):
+            times_k = times[k] if times is not None else self.rank_times(mb, lengths)
+            clocks = clocks or [0.0] * len(times_k)
             if mb.distributed or sync:
-                clocks = [max(clocks) + max(times)] * len(times)
+                clocks = [max(clocks) + max(times_k)] * len(times_k)
             else:
-                clocks = [c + t for c, t in zip(clocks, times)]
+                clocks = [c + t for c, t in zip(clocks, times_k)]
         return max(clocks) if clocks else 0.0
 
     def predict_step_time(self, plan, lengths, sync=False, include_step=True):
@@ -332,21 +332,27 @@ class CostModel:
         return t
 
     def ideal_step_time(self, lengths, dp, cp, bucket_size, include_step=True):
-        """Lower bound for any plan (perfect balance, no exposed communication, no per-call cost): the
-        slowest rank is at least the average rank, whose busy time is at least the total work, each
-        sequence in its cheapest form (local if it fits, or distributed), plus one c_mb per bucket of
-        tokens, spread over dp*cp ranks; and at least the rank holding the costliest sequence."""
+        """Lower bound for any plan: the slowest rank is at least the average rank, whose busy time is at
+        least the total work, each sequence in its cheapest form (local if it fits, or distributed), spread
+        over dp*cp ranks, plus the fixed costs every working rank pays (perfect balance, no exposed
+        communication, the fewest calls and micro-batches); and at least a micro-batch holding only the costliest
+        sequence in its cheaper form (rank_time grows with everything added to a micro-batch: every
+        ring step's time grows with its compute and its communication)."""
         work, longest = 0.0, 0.0
         for s in lengths:
-            options = []  # (total work, time on its busiest rank) of each form the sequence may take
-            if s <= bucket_size:
-                options.append((self.t_local(s), self.t_local(s)))
+            work += min(([self.t_local(s)] if s <= bucket_size else []) + ([cp * self.t_dist(s, cp)] if cp > 1 else []))
+            alone = []  # rank_time of a micro-batch holding only s, local or distributed: whatever else
+            if s <= bucket_size:  # shares its micro-batch only adds to it
+                alone.append(self.rank_time(s, [s]))
             if cp > 1:
-                options.append((cp * self.t_dist(s, cp), self.t_dist(s, cp)))
-            work += min(w for w, _ in options)
-            longest = max(longest, min(t for _, t in options))
-        mbs_per_rank = sum(lengths) / (dp * cp * bucket_size)  # a rank holds <= C tokens per micro-batch
-        t = max(work / (dp * cp) + mbs_per_rank * self.c_mb, longest + self.c_mb)
+                ring = self.ring([s], cp)
+                alone.append(self.rank_time(ring.share, [], ring))
+            longest = max(longest, min(alone))
+        # every rank that works pays at least one micro-batch (c_mb) and one attention call per layer and
+        # pass, and the ranks pay one c_mb per C tokens between them
+        mbs_per_rank = sum(lengths) / (dp * cp * bucket_size)
+        fixed = max(1.0, mbs_per_rank) * self.c_mb + 2 * self.n_layer * self.b_call
+        t = max(work / (dp * cp) + fixed, longest)
         return t + (self.t_step(dp * cp) if include_step else 0.0)
 
 
@@ -529,6 +535,68 @@ def refine(mb, lengths, bucket_size, cost=None):
             times[i] = rt(local[i], R)
     return MicroBatch(list(dist), local, mb.rollbacks)
 
+def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
+    """Ours, not in the paper (skrull_plus): Algorithm 2 balances DP ranks by per-sequence estimates,
+    but a DP rank's real time also holds what those leave out (its micro-batches' fixed costs, a
+    ring's calls and hops, how evenly its CP ranks came out), and the step waits for the slowest DP
+    rank (they meet at the gradient all-reduce). Repeatedly move one local sequence from the slowest
+    CP rank of a micro-batch of the slowest DP rank a to the least busy CP rank that can hold it in a
+    micro-batch of the fastest DP rank b: the move that lowers max(T_a, T_b) most, while it lowers it
+    below T_a. Only two CP ranks change per candidate; nothing else moves, so no DP rank gets slower
+    than the slowest was."""
+    dp = len(plan)
+    if dp == 1:
+        return plan
+    cp = len(plan[0][0].local) if plan[0] else 1
+    key = lambda k: (-lengths[k], k)  # noqa: E731  longest first, as refine leaves them
+    plan = [[MicroBatch(list(mb.distributed), [sorted(loc, key=key) for loc in mb.local], mb.rollbacks) for mb in mbs]
+            for mbs in plan]
+    rings = [[cost.ring([lengths[k] for k in mb.distributed], cp) if mb.distributed else None for mb in mbs] for mbs in plan]
+    times = [[cost.rank_times(mb, lengths) for mb in mbs] for mbs in plan]
+    T = [cost.dp_rank_time(mbs, lengths, times=times[r]) for r, mbs in enumerate(plan)]
+
+    def tokens(r, m, j):
+        ring = rings[r][m]
+        return (ring.share if ring else 0) + sum(lengths[k] for k in plan[r][m].local[j])
+
+    def rank_time(r, m, loc):
+        ring = rings[r][m]
+        return cost.rank_time((ring.share if ring else 0) + sum(lengths[k] for k in loc), [lengths[k] for k in loc], ring)
+
+    def with_time(r, m, j, t):  # DP rank r's time with rank j of micro-batch m taking t seconds
+        ts = [list(x) for x in times[r]]
+        ts[m][j] = t
+        return cost.dp_rank_time(plan[r], lengths, times=ts)
+
+    for _ in range(rounds):
+        a = max(range(dp), key=lambda r: (T[r], -r))
+        b = min(range(dp), key=lambda r: (T[r], r))
+        move, move_t = None, T[a] * (1 - 1e-9)
+        for ma, mb_a in enumerate(plan[a]):
+            ja = max(range(cp), key=lambda j: (times[a][ma][j], -j))
+            for v in mb_a.local[ja]:
+                s = lengths[v]
+                rest = [x for x in mb_a.local[ja] if x != v]
+                Ta = with_time(a, ma, ja, rank_time(a, ma, rest))
+                if Ta >= move_t:
+                    continue
+                for mbi in range(len(plan[b])):
+                    room = [j for j in range(cp) if tokens(b, mbi, j) + s <= bucket_size]
+                    if not room:
+                        continue
+                    jb = min(room, key=lambda j: (times[b][mbi][j], j))
+                    new = sorted(plan[b][mbi].local[jb] + [v], key=key)
+                    m = max(Ta, with_time(b, mbi, jb, rank_time(b, mbi, new)))
+                    if m < move_t:
+                        move, move_t = (v, ma, ja, rest, mbi, jb, new), m
+        if move is None:
+            break
+        v, ma, ja, rest, mbi, jb, new = move
+        plan[a][ma].local[ja], plan[b][mbi].local[jb] = rest, new
+        times[a][ma][ja], times[b][mbi][jb] = rank_time(a, ma, rest), rank_time(b, mbi, new)
+        T[a], T[b] = cost.dp_rank_time(plan[a], lengths, times=times[a]), cost.dp_rank_time(plan[b], lengths, times=times[b])
+    return [[mb for mb in mbs if mb.distributed or any(mb.local)] for mbs in plan]
+
 # -----------------------------------------------------------------------------
 # 4. GDS (Algorithm 2), the baselines, and schedule()
 
@@ -658,6 +726,7 @@ def skrull_plus(lengths, dp, cp, bucket_size, cost, t):
         refined = [refine(mb, lengths, bucket_size, cost) for mb in mbs]
         cands = [c for pair in tried for c in pair] + [(refined, cost.dp_rank_time(refined, lengths))]
         plan.append(min(cands, key=lambda c: c[1])[0])  # ties: the first tried
+    plan = balance_dp(plan, lengths, bucket_size, cost)
     naive = [[_all_distributed(g, cp) for g in _pack_in_order(r, lengths, cp, bucket_size)]
              for r in _split(range(len(lengths)), dp)]  # schedule(policy="naive")
     return min((plan, naive), key=lambda p: cost.predict_step_time(p, lengths))
