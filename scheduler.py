@@ -2,7 +2,7 @@
 Skrull's data scheduler (Xu et al., arXiv 2505.19609): which rank computes which sequence.
 
 Pieces, top to bottom:
-  1. MicroBatch, padded_len        the plan's vocabulary (DESIGN.md section 5)
+  1. MicroBatch, padded_len        the plan's vocabulary (what schedule() returns)
   2. CostModel                     FLOPs; a rank's time in a micro-batch following dacp_attention step by
                                    step (rank_time), written once and used by everything below
   3. dacp                          Algorithm 1: local vs distributed per micro-batch, with roll-back
@@ -57,8 +57,8 @@ def padded_len(s, cp):
 #   F_lin(s)  = 3 s (n_layer (4 h^2 + 4 h h_kv + 6 h I) + 2 h V)
 #   F_attn(s) = 3 n_layer 2 h s^2        (1/3 of it in the forward, 2/3 in the backward)
 # For Qwen2.5-0.5B the quadratic term overtakes the per-layer linear one at s = 2h + 2h_kv + 3I = 16.6K
-# tokens (23K counting the lm_head). DESIGN.md quotes ~4.6K from the paper; the paper's figure counts
-# a narrower MLP (4h) and no causal halving. Measured time is what matters: a, a_attn, a_ring are fitted.
+# tokens (23K counting the lm_head). The ~4.6K often quoted for this model counts a narrower MLP (4h)
+# and no causal halving. Measured time is what matters: a, a_attn, a_ring are fitted.
 
 SHAPES = {  # the paper's two models (Hugging Face config.json shapes), so this file needs no torch import
     "qwen2.5-0.5b": dict(n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864,
@@ -129,7 +129,7 @@ def _slot_steps(local_lengths, cp):
 
 class CostModel:
     """Time and memory of a micro-batch on one CP rank, following context_parallel.dacp_attention step by
-    step (the paper's cost model, DESIGN.md 2, re-derived for this code). Every constant is per layer and
+    step (the paper's cost model, re-derived for this code). Every constant is per layer and
     per pass unless said; `bench.py profile` fits them all on its own runs.
 
     A rank's time in a micro-batch (rank_time):
@@ -247,14 +247,15 @@ class CostModel:
             return t + self.n_layer * (2 * (self.b_call + self.b_seq * n) * (n > 0) + a_attn * sum(s * s for s in local_lengths))
         N = ring.cp
         per_layer = (N - 1) * ring.empty[0] + ring.empty[1]  # every step without a local slice ...
-        steps = _slot_steps(local_lengths, N) + [-1]
-        n = sq = 0
-        for k, s in enumerate(local_lengths):  # ... then each step that has one (steps come in order)
-            n, sq = n + 1, sq + s * s
-            if steps[k + 1] != steps[k]:
-                last = steps[k] == N - 1
-                per_layer += self._step(ring, self.b_call + self.b_seq * n, a_attn * sq, last) - ring.empty[last]
+        slot = n = sq = 0
+        for i, s in zip(_slot_steps(local_lengths, N), local_lengths):  # ... then each step with one
+            if i != slot and n:  # steps come in order: step `slot` is complete
+                per_layer += self._step(ring, self.b_call + self.b_seq * n, a_attn * sq, False) - ring.empty[0]
                 n = sq = 0
+            slot, n, sq = i, n + 1, sq + s * s
+        if n:
+            last = slot == N - 1
+            per_layer += self._step(ring, self.b_call + self.b_seq * n, a_attn * sq, last) - ring.empty[last]
         return t + self.n_layer * per_layer
 
     def rank_time_bound(self, tokens, n_local, sq_local, ring=None):
@@ -572,6 +573,8 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
         a = max(range(dp), key=lambda r: (T[r], -r))
         b = min(range(dp), key=lambda r: (T[r], r))
         move, move_t = None, T[a] * (1 - 1e-9)
+        tok_b = [[tokens(b, m, j) for j in range(cp)] for m in range(len(plan[b]))]
+        by_time = [sorted(range(cp), key=lambda j: (times[b][m][j], j)) for m in range(len(plan[b]))]
         for ma, mb_a in enumerate(plan[a]):
             ja = max(range(cp), key=lambda j: (times[a][ma][j], -j))
             for v in mb_a.local[ja]:
@@ -580,11 +583,10 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
                 Ta = with_time(a, ma, ja, rank_time(a, ma, rest))
                 if Ta >= move_t:
                     continue
-                for mbi in range(len(plan[b])):
-                    room = [j for j in range(cp) if tokens(b, mbi, j) + s <= bucket_size]
-                    if not room:
+                for mbi in range(len(plan[b])):  # the least busy CP rank that can hold v
+                    jb = next((j for j in by_time[mbi] if tok_b[mbi][j] + s <= bucket_size), None)
+                    if jb is None:
                         continue
-                    jb = min(room, key=lambda j: (times[b][mbi][j], j))
                     new = sorted(plan[b][mbi].local[jb] + [v], key=key)
                     m = max(Ta, with_time(b, mbi, jb, rank_time(b, mbi, new)))
                     if m < move_t:
@@ -739,7 +741,7 @@ def schedule(lengths, *, dp, cp, bucket_size, policy="skrull", cost=None, seed=0
     """The plan for one global batch: a list (one per DP rank) of lists of MicroBatch.
 
     lengths: the GLOBAL batch's sequence lengths (dp * batch_size of them), in dataset order.
-    policy (DESIGN.md section 3):
+    policy:
       naive        DeepSpeed-style: each DP rank takes a contiguous slice, packs it in dataset order into
                    micro-batches of at most cp*C tokens, every sequence distributed over the CP group.
       sorted       LongAlign sorted batching: sort the global batch by length, cut it into dp consecutive
