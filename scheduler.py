@@ -549,9 +549,8 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
     if dp == 1:
         return plan
     cp = len(plan[0][0].local) if plan[0] else 1
-    key = lambda k: (-lengths[k], k)  # noqa: E731  longest first, as refine leaves them
-    plan = [[MicroBatch(list(mb.distributed), [sorted(loc, key=key) for loc in mb.local], mb.rollbacks) for mb in mbs]
-            for mbs in plan]
+    key = lambda k: (-lengths[k], k)  # noqa: E731  a rank that gets a sequence lists them longest first
+    plan = [[MicroBatch(list(mb.distributed), [list(loc) for loc in mb.local], mb.rollbacks) for mb in mbs] for mbs in plan]
     rings = [[cost.ring([lengths[k] for k in mb.distributed], cp) if mb.distributed else None for mb in mbs] for mbs in plan]
     times = [[cost.rank_times(mb, lengths) for mb in mbs] for mbs in plan]
     T = [cost.dp_rank_time(mbs, lengths, times=times[r]) for r, mbs in enumerate(plan)]
@@ -722,8 +721,11 @@ def skrull_plus(lengths, dp, cp, bucket_size, cost, t):
             mbs = gds_microbatches(idx, lengths, cp, bucket_size, cost, t, m)
             if tried and len(mbs) == len(tried[-1][0][0]):
                 continue
-            spread = [_all_distributed(mb.distributed + sum(mb.local, []), cp) for mb in mbs]
-            tried.append(((mbs, cost.dp_rank_time(mbs, lengths)), (spread, cost.dp_rank_time(spread, lengths))))
+            # the same micro-batches with every sequence distributed, where that fits (padding can push
+            # a micro-batch of many short sequences over cp*C)
+            spread = [_all_distributed(sorted(mb.distributed + sum(mb.local, [])), cp) for mb in mbs]
+            fits = all(sum(padded_len(lengths[k], cp) for k in mb.distributed) <= cp * bucket_size for mb in spread)
+            tried.append(((mbs, cost.dp_rank_time(mbs, lengths)), (spread, cost.dp_rank_time(spread, lengths) if fits else math.inf)))
         (mbs, _), _ = min(tried, key=lambda pair: min(pair[0][1], pair[1][1]))
         refined = [refine(mb, lengths, bucket_size, cost) for mb in mbs]
         cands = [c for pair in tried for c in pair] + [(refined, cost.dp_rank_time(refined, lengths))]

@@ -57,6 +57,11 @@ def test_plans_valid_and_deterministic(batch, seed):
         assert plan == schedule(list(lengths), dp=dp, cp=cp, bucket_size=C, policy=policy, seed=seed)
         if cp == 1:
             assert all(mb.distributed == [] for mbs in plan for mb in mbs)
+    # skrull_plus keeps the paper's plan among its candidates and only accepts what lowers the time
+    c = CostModel()
+    t = {p: c.predict_step_time(schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, seed=seed), lengths)
+         for p in ("skrull", "skrull_plus")}
+    assert t["skrull_plus"] <= t["skrull"] * (1 + 1e-9)
 
 
 @settings(max_examples=100, deadline=None)
@@ -218,6 +223,97 @@ def test_simulation_policies():
     t = {p: c.predict_step_time(schedule(lengths, dp=4, cp=1, bucket_size=26_000, policy=p, cost=c), lengths)
          for p in ("naive", "skrull", "skrull_plus")}
     assert t["skrull_plus"] <= t["skrull"] < t["naive"]
+
+
+def refine_plain(mb, lengths, C, cost):
+    """refine() without its shortcuts (bounds, memory of rank times, giving up early): every candidate
+    in the listed order, every rank timed with CostModel.rank_times. The search refine() must match."""
+    cp = len(mb.local)
+    key = lambda k: (-lengths[k], k)  # noqa: E731
+    cur = MicroBatch(sorted(mb.distributed), [sorted(loc, key=key) for loc in mb.local])
+    fits = lambda m: all(t <= C for t in m.rank_tokens(lengths))  # noqa: E731
+    for _ in range(2 * cp):
+        times = cost.rank_times(cur, lengths)
+        order = sorted(range(cp), key=lambda i: (times[i], i))
+        j = order[-1]
+        cands = []
+        for v in dict.fromkeys(cur.local[j][:4] + cur.local[j][-2:]):
+            tok = cur.rank_tokens(lengths)
+            i = next((i for i in order[:-1] if tok[i] + lengths[v] <= C), None)
+            if i is not None:
+                cands.append(MicroBatch(cur.distributed, [sorted(loc + [v], key=key) if x == i else
+                                                          [k for k in loc if k != v] for x, loc in enumerate(cur.local)]))
+        for v in cur.local[j][:2]:
+            cands.append(MicroBatch(sorted(cur.distributed + [v]), [[k for k in loc if k != v] for loc in cur.local]))
+        for v in sorted(cur.distributed, key=lambda k: (lengths[k], k))[:2]:
+            rest = [k for k in cur.distributed if k != v]
+            for i in order:
+                m = MicroBatch(rest, [sorted(loc + [v], key=key) if x == i else loc for x, loc in enumerate(cur.local)])
+                if fits(m):
+                    cands.append(m)
+                    break
+        best, best_t = None, max(times) * (1 - 1e-9)
+        for m in cands:
+            if fits(m) and max(cost.rank_times(m, lengths)) < best_t:
+                best, best_t = m, max(cost.rank_times(m, lengths))
+        if best is None:
+            break
+        cur = best
+    return cur
+
+
+def test_refine_matches_plain_search():
+    """refine()'s shortcuts change how fast it searches, never what it finds."""
+    rng = np.random.default_rng(11)
+    for model, C in (("qwen2.5-0.5b", 26_000), ("qwen2.5-7b", 13_000)):
+        c = CostModel(model)
+        for cp in (2, 4, 8):
+            for _ in range(12):
+                lengths = [int(x) for x in np.exp(rng.uniform(np.log(32), np.log(2.5 * C), size=int(rng.integers(3, 30))))]
+                lengths = [s for s in lengths if padded_len(s, cp) // cp <= C]
+                mb, _ = dacp(list(range(len(lengths))), lengths, cp, C, c)
+                if mb is None:
+                    continue
+                got, ref = refine(mb, lengths, C, c), refine_plain(mb, lengths, C, c)
+                assert (got.distributed, got.local) == (ref.distributed, ref.local)
+
+
+def test_rank_time_bound():
+    rng = np.random.default_rng(2)
+    for o in (0.0, 0.4, 1.0):
+        c = CostModel()
+        c.comm_overlap = o
+        for _ in range(300):
+            cp = int(rng.choice([2, 4, 8]))
+            ring = c.ring([int(x) for x in rng.integers(1, 60_000, size=int(rng.integers(1, 5)))], cp) if rng.random() < 0.8 else None
+            loc = sorted((int(x) for x in rng.integers(1, 20_000, size=int(rng.integers(0, 9)))), reverse=True)
+            tok = (ring.share if ring else 0) + sum(loc)
+            exact = c.rank_time(tok, loc, ring)
+            bound = c.rank_time_bound(tok, len(loc), sum(s * s for s in loc), ring)
+            assert bound <= exact * (1 + 1e-12)
+            if ring is None:
+                assert bound == pytest.approx(exact, rel=1e-12)
+
+
+def test_balance_dp():
+    """Moving local sequences between DP ranks never makes the slowest DP rank slower, keeps every
+    micro-batch inside the bucket, and on a lopsided split lowers the step."""
+    from scheduler import balance_dp
+    c = CostModel()
+    lengths = [3000] * 6 + [500] * 10 + [2000] * 2  # DP rank 0's CP rank 0 holds twice the others' work
+    plan = [[MicroBatch([], [[0, 1], [2], [3]])], [MicroBatch([], [[4, 6, 7], [5, 8], [9, 10]])],
+            [MicroBatch([16], [[11, 12, 13], [14, 15], [17]])]]
+    before = c.predict_step_time(plan, lengths)
+    after = balance_dp(plan, lengths, 8000, c)
+    check_plan(after, lengths, 3, 3, 8000)
+    assert c.predict_step_time(after, lengths) < before * 0.95
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        lengths = [int(x) for x in np.exp(rng.uniform(np.log(64), np.log(20_000), size=40))]
+        plan = schedule(lengths, dp=4, cp=4, bucket_size=26_000, policy="skrull", cost=c)
+        after = balance_dp(plan, lengths, 26_000, c)
+        check_plan(after, lengths, 4, 4, 26_000)
+        assert c.predict_step_time(after, lengths) <= c.predict_step_time(plan, lengths) * (1 + 1e-12)
 
 
 def test_refine_never_worse():
