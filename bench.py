@@ -166,6 +166,7 @@ def _profile_compute_worker(rank, world, opts, out_file, barrier=None):
     the same sweep at the same time (on CPU, 2 processes share the 2 cores as in the e2e runs)."""
     import itertools
     import json
+    import random
     import time
     import torch
     from model import PRESETS, Transformer
@@ -185,31 +186,44 @@ def _profile_compute_worker(rank, world, opts, out_file, barrier=None):
             _, loss = model(x, x, cu_seqlens=cu, reduction="sum")  # every token a target
         loss.backward()
 
-    def timed(fn, repeats):  # median over repeats: a typical run, as training sees (the machine may be shared)
+    def once(fn):
+        if barrier is not None:  # all processes time the same shape at the same moment
+            barrier.wait()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    # Interleaved: every pass times each shape once, in a new order each pass, and a shape's time is its
+    # median over the passes. A change of machine load (a shared machine) then touches every shape
+    # alike instead of biasing the shapes that happened to run during it.
+    runs = [(lambda lens=[s + 2 * i for i in range(k)]: fwd_bwd(lens)) for s, k in opts["points"]]
+    for fn in runs:  # warm-up
+        fn()
+    sync()
+    ts = [[] for _ in runs]
+    order = list(range(len(runs)))
+    for rep in range(opts["repeats"]):
+        random.Random(rep).shuffle(order)  # the same order in every process
+        for i in order:
+            ts[i].append(once(runs[i]))
+    res = {"points": [{"lengths": [s + 2 * i for i in range(k)], "seconds": statistics.median(t)}
+                      for (s, k), t in zip(opts["points"], ts)], "mem": []}
+    model.zero_grad(set_to_none=False)
+    if dev.type == "cuda":  # peak memory per token: the k=1 shapes, one run each
+        for s, k in opts["points"]:
+            if k == 1:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fwd_bwd([s])
+                sync()
+                res["mem"].append({"tokens": s, "bytes": torch.cuda.max_memory_allocated() - base})
+                model.zero_grad(set_to_none=False)
+
+    def timed(fn, repeats):
         fn()  # warm-up
         sync()
-        ts = []
-        for _ in range(repeats):
-            if barrier is not None:  # all processes time the same shape at the same moment
-                barrier.wait()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    res = {"points": [], "mem": []}
-    for s, k in opts["points"]:
-        lens = [s + 2 * i for i in range(k)]
-        reps = opts["repeats"] if s * k <= 2048 else max(2, opts["repeats"] // 2)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        t = timed(lambda: fwd_bwd(lens), reps)
-        model.zero_grad(set_to_none=False)
-        res["points"].append({"lengths": lens, "seconds": t})
-        if dev.type == "cuda" and k == 1:
-            res["mem"].append({"tokens": sum(lens), "bytes": torch.cuda.max_memory_allocated() - base})
+        return statistics.median(once(fn) for _ in range(repeats))
 
     def step():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -230,6 +244,7 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
     """Ping-pong between 2 processes: one-way time = round trip / 2, for each message size. Then, with
     cp_opts, time the model with every sequence distributed over the 2 processes (ring attention)."""
     import json
+    import random
     import time
     import torch
     import torch.distributed as dist
@@ -268,32 +283,22 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
         model = Transformer(cfg).to(dev)
 
         import context_parallel
+        post = context_parallel._Ring.post
 
-        def timed(xs, ps, attn):  # {real, compute}: medians of forward+backward, the slowest rank's
-            out = {}
-            post = context_parallel._Ring.post
-            for mode in ("real", "compute"):  # compute: the same loop and kernels, every hop a no-op
-                if mode == "compute":
-                    context_parallel._Ring.post = lambda self, buf, tag: (lambda: buf)
-                out[mode] = timed_once(xs, ps, attn)
-                context_parallel._Ring.post = post
-            return out
+        def once(xs, ps, attn, mode):  # forward+backward; compute: the same loop and kernels, no-op hops
+            if mode == "compute":
+                context_parallel._Ring.post = lambda self, buf, tag: (lambda: buf)
+            sync()
+            dist.barrier()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=backend == "nccl"):
+                _, loss = model(xs, xs, position_ids=ps, attn_fn=attn, reduction="sum")
+            loss.backward()
+            sync()
+            context_parallel._Ring.post = post
+            return time.perf_counter() - t0
 
-        def timed_once(xs, ps, attn):
-            ts = []
-            for it in range(cp_opts["repeats"] + 1):  # first run: warm-up
-                sync()
-                dist.barrier()
-                t0 = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=backend == "nccl"):
-                    _, loss = model(xs, xs, position_ids=ps, attn_fn=attn, reduction="sum")
-                loss.backward()
-                sync()
-                ts.append(time.perf_counter() - t0)
-            t = torch.tensor(statistics.median(ts[1:]))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return float(t)
-
+        runs = []  # (record, (xs, ps, attn))
         for s, k in cp_opts["points"]:
             lens = [s + 2 * world * i for i in range(k)]  # multiples of 2*world, distinct
             cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
@@ -302,7 +307,7 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
             pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
             xs, ps = zigzag_shard(x, cu, rank, world)[None], zigzag_shard(pos, cu, rank, world)[None]
             attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=torch.zeros(1, dtype=torch.int32, device=dev))
-            cp_out.append({"lengths": lens, **timed(xs, ps, attn)})
+            runs.append(({"lengths": lens}, (xs, ps, attn)))
         # DACP micro-batches: one distributed sequence plus k local ones on every rank, to measure how
         # much of the ring's communication the local compute hides (CostModel.comm_overlap)
         for s, k, sl in cp_opts.get("dacp_points", []):
@@ -315,7 +320,21 @@ def _profile_p2p_worker(rank, world, init_file, backend, sizes, out_file, cp_opt
             xs = torch.cat([zigzag_shard(x[:s], cu, rank, world), x[s:]])[None]
             ps = torch.cat([zigzag_shard(pos[:s], cu, rank, world), pos[s:]])[None]
             attn = partial(dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=cu_loc)
-            cp_out.append({"lengths": [s], "local": loc, **timed(xs, ps, attn)})
+            runs.append(({"lengths": [s], "local": loc}, (xs, ps, attn)))
+        # interleaved as in _profile_compute_worker: each pass times every (shape, mode) once, in a new
+        # order; a run's time is the slowest rank's, its median over the passes
+        jobs = [(i, mode) for i in range(len(runs)) for mode in ("real", "compute")]
+        for i, mode in jobs:  # warm-up
+            once(*runs[i][1], mode)
+        ts = {job: [] for job in jobs}
+        for rep in range(cp_opts["repeats"]):
+            random.Random(rep).shuffle(jobs)  # the same order in both processes
+            for job in jobs:
+                t = torch.tensor(once(*runs[job[0]][1], job[1]))
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                ts[job].append(float(t))
+        cp_out = [dict(rec, **{mode: statistics.median(ts[(i, mode)]) for mode in ("real", "compute")})
+                  for i, (rec, _) in enumerate(runs)]
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump({"p2p": out, "cp": cp_out}, f)
