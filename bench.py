@@ -463,6 +463,7 @@ def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
     """The JSON that CostModel.from_profile, train.py --profile and bench.py e2e read."""
     import json
     import os
+    import time
     import numpy as np
     import torch
     from memory import activation_model
@@ -484,6 +485,7 @@ def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
     prof = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": dtype, "procs": args.procs, "threads": args.threads, "torch": torch.__version__,
+        "taken": time.strftime("%Y-%m-%d %H:%M:%S"), "load": meas["load"],
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
                                                "intermediate_size", "tie_embeddings")},
         **fit, "t_optim": meas["t_optim"], "grad_bytes": 4, "p2p_backend": meas["backend"],
@@ -503,6 +505,8 @@ def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
           f"comm_overlap {fit['comm_overlap']:.2f} (share of a hop hidden behind the step's compute)")
     print(f"memory: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of {device_memory / 2**30:.1f} GiB "
           f"-> bucket_size {bucket} tokens ({mem_note})")
+    print(f"machine load (1-minute average) {meas['load'][0]:.1f} before, {meas['load'][1]:.1f} after"
+          f"{'' if max(meas['load']) < (os.cpu_count() or 1) else ': a shared machine, expect these constants to be off when it is not'}")
     print(f"wrote {path}")
 
 
@@ -516,6 +520,7 @@ def bench_profile(argv):
         python bench.py profile [--out profile_cpu.json] [--model tiny] [--max_len 8192]
     then: python train.py config/long_sft_cpu.py --profile=profile_cpu.json"""
     import argparse
+    import os
     import torch
     from model import PRESETS
     cuda = torch.cuda.is_available()
@@ -535,7 +540,9 @@ def bench_profile(argv):
     dev = torch.device(args.device)
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
     cfg = PRESETS[args.model]
+    load0 = os.getloadavg()[0]
     meas = _profile_measure(args, cfg, dev, dtype)
+    meas["load"] = [load0, os.getloadavg()[0]]  # 1-minute load average before and after: was the machine shared?
     fit = _profile_fit(cfg, meas, 2 if dtype == "bfloat16" else 4)
     errs = _profile_report(cfg, meas, fit)
     _profile_write(args.out, args, cfg, dev, dtype, meas, fit, errs)
@@ -626,10 +633,14 @@ def bench_e2e(argv):
     interleaved, rep after rep in alternating order, so they see the same machine noise; each step's
     time is the median over reps. Beside it: CostModel's prediction for that step's plan from the
     profile (fitted on the profile's own runs, never on these).
-        python bench.py e2e [--profile profile_cpu.json] [--iters 8] [--reps 2] [--policies naive,skrull,skrull_plus]"""
+    Each run's 1-minute load average is recorded and printed beside the profile's: on a shared machine
+    the two drift apart and so do prediction and measurement.
+        python bench.py e2e [--profile profile_cpu.json] [--iters 6] [--reps 2] [--policies naive,skrull,skrull_plus]"""
     import argparse
+    import json
     import os
     import tempfile
+    import time
     import numpy as np
     from data.prepare import global_batch, load_dataset
     from data.synthetic import make_synthetic
@@ -637,8 +648,8 @@ def bench_e2e(argv):
 
     ap = argparse.ArgumentParser(prog="python bench.py e2e")
     ap.add_argument("--profile", default="profile_cpu.json", help="made by `python bench.py profile` if missing")
-    ap.add_argument("--iters", type=int, default=8, help="optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
+    ap.add_argument("--iters", type=int, default=6, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the timing")
     ap.add_argument("--reps", type=int, default=2, help="runs per policy and cell, interleaved")
     ap.add_argument("--batch_size", type=int, default=16, help="sequences per DP rank per step")
     ap.add_argument("--policies", default=",".join(POLICIES))
@@ -653,6 +664,9 @@ def bench_e2e(argv):
         print(f"{args.profile} not found: profiling this machine first", flush=True)
         bench_profile(["--out", args.profile])
     cost = CostModel.from_profile(None, args.profile)
+    with open(args.profile) as f:
+        prof_meta = json.load(f)
+    t_start, loads = time.time(), []
     # (name, Table 1 shape, max_len = bucket_size): the long-tail set at the CPU config's 8192 tokens,
     # the bimodal one at 4096 (its mean sample is 10x longer, so steps are 10x dearer)
     sets = (("long-tail", "wikipedia", 8192), ("bimodal", "chatqa2", 4096))
@@ -671,6 +685,7 @@ def bench_e2e(argv):
             meas = {p: [] for p in policies}  # per rep: the timed steps' seconds
             for rep in range(args.reps):
                 for p in (policies if rep % 2 == 0 else policies[::-1]):
+                    loads.append(os.getloadavg()[0])
                     m = _train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
                         dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
                         max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile))
@@ -681,6 +696,9 @@ def bench_e2e(argv):
     print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {len(steps)} timed steps x {args.reps} interleaved runs "
           f"per policy and cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel "
           f"with {args.profile}; a step's measured time is its median over the runs")
+    pl = prof_meta.get("load")
+    print(f"{time.time() - t_start:.0f} s; machine load (1-minute average) at the runs' starts {min(loads):.1f}-{max(loads):.1f}, "
+          f"at the profile ({prof_meta.get('taken', '?')}) " + (f"{pl[0]:.1f}-{pl[1]:.1f}" if pl else "not recorded"))
     print("\nper step (ms, median over the timed steps of the per-step values) and per-step error |pred/meas - 1|:")
     print("| data | dp x cp | policy | measured ms/step | spread over runs | predicted ms/step | median per-step error |")
     print("|---|---|---|---|---|---|---|")
