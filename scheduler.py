@@ -743,7 +743,7 @@ def schedule(lengths, *, dp, cp, bucket_size, policy="skrull", cost=None, seed=0
     """The plan for one global batch: a list (one per DP rank) of lists of MicroBatch.
 
     lengths: the GLOBAL batch's sequence lengths (dp * batch_size of them), in dataset order.
-    policy:
+    policy (the paper's baselines, Skrull and ours, on one code path):
       naive        DeepSpeed-style: each DP rank takes a contiguous slice, packs it in dataset order into
                    micro-batches of at most cp*C tokens, every sequence distributed over the CP group.
       sorted       LongAlign sorted batching: sort the global batch by length, cut it into dp consecutive
