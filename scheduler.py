@@ -505,6 +505,10 @@ def refine(mb, lengths, bucket_size, cost=None):
                 tok[j], n[j], sq[j] = tok[j] - s, n[j] - 1, sq[j] - s * s
                 if Rn[1] + max(tok) > bucket_size:
                     continue
+                # the other ranks keep their sequences under a larger ring: each is at least as slow as
+                # now, plus the linear layers' time on the added share (every ring step's time grows)
+                if cp > 1 and times[order[-2]] + cost.a * cost.lin_flops * (Rn[1] - R[1]) >= move_t:
+                    continue
             else:
                 r = next((i for i in order if Rn[1] + ltok[i] + s <= bucket_size), None)
                 if r is None:
@@ -555,13 +559,16 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
     times = [[cost.rank_times(mb, lengths) for mb in mbs] for mbs in plan]
     T = [cost.dp_rank_time(mbs, lengths, times=times[r]) for r, mbs in enumerate(plan)]
 
-    def tokens(r, m, j):
-        ring = rings[r][m]
-        return (ring.share if ring else 0) + sum(lengths[k] for k in plan[r][m].local[j])
-
     def rank_time(r, m, loc):
         ring = rings[r][m]
         return cost.rank_time((ring.share if ring else 0) + sum(lengths[k] for k in loc), [lengths[k] for k in loc], ring)
+
+    def sums(r, m, loc):  # the rank's tokens (its share of the ring included), sequences, sum of L^2
+        ring = rings[r][m]
+        return (ring.share if ring else 0) + sum(lengths[k] for k in loc), len(loc), sum(lengths[k] ** 2 for k in loc)
+
+    def bound(r, m, tok, n, sq):
+        return cost.rank_time_bound(tok, n, sq, rings[r][m])
 
     def with_time(r, m, j, t):  # DP rank r's time with rank j of micro-batch m taking t seconds
         ts = [list(x) for x in times[r]]
@@ -572,12 +579,19 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
         a = max(range(dp), key=lambda r: (T[r], -r))
         b = min(range(dp), key=lambda r: (T[r], r))
         move, move_t = None, T[a] * (1 - 1e-9)
-        tok_b = [[tokens(b, m, j) for j in range(cp)] for m in range(len(plan[b]))]
+        tok_b = [[sums(b, m, loc)[0] for loc in mb.local] for m, mb in enumerate(plan[b])]
         by_time = [sorted(range(cp), key=lambda j: (times[b][m][j], j)) for m in range(len(plan[b]))]
+        # each candidate is bounded before it is computed (the DP time only grows with a rank's time;
+        # CostModel.rank_time_bound from sums), so most cost a few additions
         for ma, mb_a in enumerate(plan[a]):
             ja = max(range(cp), key=lambda j: (times[a][ma][j], -j))
+            if with_time(a, ma, ja, 0.0) >= move_t:  # another rank or micro-batch keeps a this slow
+                continue
+            tok_a, n_a, sq_a = sums(a, ma, mb_a.local[ja])
             for v in mb_a.local[ja]:
                 s = lengths[v]
+                if with_time(a, ma, ja, bound(a, ma, tok_a - s, n_a - 1, sq_a - s * s)) >= move_t:
+                    continue
                 rest = [x for x in mb_a.local[ja] if x != v]
                 Ta = with_time(a, ma, ja, rank_time(a, ma, rest))
                 if Ta >= move_t:
@@ -585,6 +599,9 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
                 for mbi in range(len(plan[b])):  # the least busy CP rank that can hold v
                     jb = next((j for j in by_time[mbi] if tok_b[mbi][j] + s <= bucket_size), None)
                     if jb is None:
+                        continue
+                    tok, n, sq = sums(b, mbi, plan[b][mbi].local[jb])
+                    if with_time(b, mbi, jb, bound(b, mbi, tok + s, n + 1, sq + s * s)) >= move_t:
                         continue
                     new = sorted(plan[b][mbi].local[jb] + [v], key=key)
                     m = max(Ta, with_time(b, mbi, jb, rank_time(b, mbi, new)))
