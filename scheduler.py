@@ -6,7 +6,8 @@ Pieces, top to bottom:
   2. CostModel                     FLOPs; a rank's time in a micro-batch following dacp_attention step by
                                    step (rank_time), written once and used by everything below
   3. dacp                          Algorithm 1: local vs distributed per micro-batch, with roll-back
-     refine                        ours, not in the paper: cost-aware local search after Algorithm 1
+     refine, balance_dp            ours, not in the paper: cost-aware local searches inside a micro-batch
+                                   and across DP ranks
   4. gds, schedule                 Algorithm 2 (global batch -> DP ranks -> micro-batches), the baselines,
      skrull_plus                   and ours
 The simulator of the paper's setups and the exact MILP optimum live in simulate.py.
@@ -728,8 +729,10 @@ def skrull_plus(lengths, dp, cp, bucket_size, cost, t):
     fewest that fit), each placed by Algorithm 1 or with every sequence distributed; the best m's
     Algorithm 1 placement is then improved by refine() (refining the all-distributed one never won in
     the simulator, and costs time). The paper's plan for the rank is a candidate, so per DP
-    rank skrull_plus is never predicted slower than skrull. Last, the whole plan is compared with
-    naive's (every sequence distributed, dataset order), which wins on some bimodal batches."""
+    rank skrull_plus is never predicted slower than skrull. Then balance_dp() moves local sequences
+    from the slowest DP rank to the fastest (it only accepts moves that lower the pair's slower
+    time). Last, the whole plan is compared with naive's (every sequence distributed, dataset order),
+    which wins on some bimodal batches."""
     plan = []
     for idx in gds_split(lengths, dp, cp, bucket_size, cost, t):
         tried = []  # per micro-batch count: (DACP placement, its time), (all distributed, its time)
