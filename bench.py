@@ -625,17 +625,26 @@ def _train_run(out_dir, nproc, overrides, config="config/long_sft_cpu.py"):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+def _plan_key(plan):
+    """A plan up to what its time does not depend on: the order of DP ranks, of micro-batches, of CP
+    ranks and of the distributed sequences (a rank's local sequences keep their order: it sets how
+    dacp_attention slices them over the ring steps)."""
+    return tuple(sorted(tuple(sorted((tuple(sorted(mb.distributed)), tuple(sorted(tuple(loc) for loc in mb.local)))
+                                     for mb in mbs)) for mbs in plan))
+
+
 def bench_e2e(argv):
     """End to end, measured against the cost model: train.py with 2 gloo processes (1 thread each) in two
     layouts, dp=2 x cp=1 (GDS balances DP ranks) and dp=1 x cp=2 (DACP local vs distributed), on a
     long-tail and a bimodal synthetic set (paper Table 1 shapes, scaled), every policy on the same global
-    batches (same seed) with the same kernels and code path: only the plan differs. The policies run
-    interleaved, rep after rep in alternating order, so they see the same machine noise; each step's
-    time is the median over reps. Beside it: CostModel's prediction for that step's plan from the
-    profile (fitted on the profile's own runs, never on these).
-    Each run's 1-minute load average is recorded and printed beside the profile's: on a shared machine
-    the two drift apart and so do prediction and measurement.
-        python bench.py e2e [--profile profile_cpu.json] [--iters 6] [--reps 2] [--policies naive,skrull,skrull_plus]"""
+    batches (same seed) with the same kernels and code path: only the plan differs. Policies whose plans
+    are the same on every step run once (their times would differ by noise only: "same plans"). The
+    runs are interleaved, rep after rep in a rotated order, so the policies see the same machine
+    noise; each step's time is the median over reps. Beside it: CostModel's prediction for that step's
+    plan from the profile (fitted on the profile's own runs, never on these). Each run's 1-minute load
+    average is printed beside the profile's: on a shared machine the two drift apart, and so do
+    prediction and measurement.
+        python bench.py e2e [--profile profile_cpu.json] [--iters 6] [--reps 3] [--policies naive,skrull,skrull_plus]"""
     import argparse
     import json
     import os
@@ -650,7 +659,7 @@ def bench_e2e(argv):
     ap.add_argument("--profile", default="profile_cpu.json", help="made by `python bench.py profile` if missing")
     ap.add_argument("--iters", type=int, default=6, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the timing")
-    ap.add_argument("--reps", type=int, default=2, help="runs per policy and cell, interleaved")
+    ap.add_argument("--reps", type=int, default=3, help="runs per policy and cell, interleaved")
     ap.add_argument("--batch_size", type=int, default=16, help="sequences per DP rank per step")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--seed", type=int, default=1337)
@@ -678,20 +687,29 @@ def bench_e2e(argv):
         data = make_synthetic(os.path.join(tmp, shape), dist=shape, n=2000, max_len=max_len, seed=0, verbose=False)
         ds = load_dataset(data)
         for dp, cp in layouts:
-            batches = [[int(ds.lengths[i]) for i in global_batch(len(ds), dp * args.batch_size, it, args.seed)] for it in steps]
-            pred = {p: np.array([cost.predict_step_time(schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost,
-                                                                 seed=args.seed + it), b) for it, b in zip(steps, batches)])
-                    for p in policies}
-            meas = {p: [] for p in policies}  # per rep: the timed steps' seconds
+            batches = [[int(ds.lengths[i]) for i in global_batch(len(ds), dp * args.batch_size, it, args.seed)] for it in range(args.iters)]
+            plans = {p: [schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost, seed=args.seed + it)
+                         for it, b in enumerate(batches)] for p in policies}
+            pred = {p: np.array([cost.predict_step_time(plans[p][it], batches[it]) for it in steps]) for p in policies}
+            # policies whose plans are the same on every step (e.g. naive and dacp without CP) run once:
+            # their measured times would differ by noise only
+            same, runs = {}, []
+            for p in policies:
+                key = tuple(_plan_key(plan) for plan in plans[p])
+                first = next((q for q in runs if tuple(_plan_key(plan) for plan in plans[q]) == key), None)
+                same[p] = first or p
+                if first is None:
+                    runs.append(p)
+            meas = {p: [] for p in runs}  # per rep: the timed steps' seconds
             for rep in range(args.reps):
-                for p in (policies if rep % 2 == 0 else policies[::-1]):
+                for p in runs[rep % len(runs):] + runs[:rep % len(runs)]:  # each rep in a rotated order
                     loads.append(os.getloadavg()[0])
                     m = _train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
                         dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
                         max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile))
                     meas[p].append(np.array([r["dt_ms"] / 1e3 for r in m[args.warmup:]]))
-                print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in policies), flush=True)
-            cells.append((label, dp, cp, pred, {p: np.array(v) for p, v in meas.items()}))
+                print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in runs), flush=True)
+            cells.append((label, dp, cp, pred, {p: np.array(meas[same[p]]) for p in policies}, same))
 
     print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {len(steps)} timed steps x {args.reps} interleaved runs "
           f"per policy and cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel "
@@ -703,13 +721,14 @@ def bench_e2e(argv):
     print("| data | dp x cp | policy | measured ms/step | spread over runs | predicted ms/step | median per-step error |")
     print("|---|---|---|---|---|---|---|")
     all_err = []
-    for label, dp, cp, pred, meas in cells:
+    for label, dp, cp, pred, meas, same in cells:
         for p in policies:
             per_step = np.median(meas[p], axis=0)
             err = np.abs(pred[p] / per_step - 1)
-            all_err += list(err)
+            if same[p] == p:  # a policy with another's plans adds nothing new
+                all_err += list(err)
             run_tot = meas[p].sum(axis=1) / len(steps)
-            print(f"| {label} | {dp}x{cp} | {p} | {np.median(per_step) * 1e3:.1f} | {run_tot.min() * 1e3:.1f}-{run_tot.max() * 1e3:.1f} "
+            print(f"| {label} | {dp}x{cp} | {p}{'' if same[p] == p else f' (= {same[p]})'} | {np.median(per_step) * 1e3:.1f} | {run_tot.min() * 1e3:.1f}-{run_tot.max() * 1e3:.1f} "
                   f"| {np.median(pred[p]) * 1e3:.1f} | {np.median(err) * 100:.0f}% |")
     print(f"median absolute per-step error over every step, policy and cell: {np.median(all_err) * 100:.1f}% "
           f"(mean {np.mean(all_err) * 100:.1f}%, max {np.max(all_err) * 100:.0f}%)")
@@ -720,9 +739,12 @@ def bench_e2e(argv):
     print("| data | dp x cp | " + " | ".join(f"{a} vs {b}: measured (spread) / predicted" for a, b in pairs) + " |")
     print("|---|---|" + "---|" * len(pairs))
     worst = 0.0
-    for label, dp, cp, pred, meas in cells:
+    for label, dp, cp, pred, meas, same in cells:
         out = []
         for a, b in pairs:
+            if same[a] == same[b]:
+                out.append("same plans")
+                continue
             tot = {p: np.median(meas[p], axis=0).sum() for p in (a, b)}
             m_ratio, p_ratio = tot[b] / tot[a], pred[b].sum() / pred[a].sum()
             reps = meas[b].sum(axis=1) / meas[a].sum(axis=1)
