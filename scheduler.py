@@ -553,7 +553,7 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
     dp = len(plan)
     if dp == 1:
         return plan
-    cp = len(plan[0][0].local) if plan[0] else 1
+    cp = next((len(mb.local) for mbs in plan for mb in mbs), 1)
     key = lambda k: (-lengths[k], k)  # noqa: E731  a rank that gets a sequence lists them longest first
     plan = [[MicroBatch(list(mb.distributed), [list(loc) for loc in mb.local], mb.rollbacks) for mb in mbs] for mbs in plan]
     rings = [[cost.ring([lengths[k] for k in mb.distributed], cp) if mb.distributed else None for mb in mbs] for mbs in plan]
