@@ -505,8 +505,9 @@ def _profile_write(path, args, cfg, dev, dtype, meas, fit, errs):
           f"comm_overlap {fit['comm_overlap']:.2f} (share of a hop hidden behind the step's compute)")
     print(f"memory: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of {device_memory / 2**30:.1f} GiB "
           f"-> bucket_size {bucket} tokens ({mem_note})")
-    print(f"machine load (1-minute average) {meas['load'][0]:.1f} before, {meas['load'][1]:.1f} after"
-          f"{'' if max(meas['load']) < (os.cpu_count() or 1) else ': a shared machine, expect these constants to be off when it is not'}")
+    print(f"machine load (1-minute average) {meas['load'][0]:.1f} before, {meas['load'][1]:.1f} after (this profile's own "
+          f"{args.procs} process(es) count; a higher load means other work shared the machine, and these constants "
+          f"then describe a busier machine than an idle one)")
     print(f"wrote {path}")
 
 
