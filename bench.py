@@ -652,7 +652,7 @@ def bench_e2e(argv):
     import tempfile
     import time
     import numpy as np
-    from data.prepare import global_batch, load_dataset
+    from data.prepare import global_batch, heldout_split, load_dataset
     from data.synthetic import make_synthetic
     from scheduler import POLICIES, CostModel, schedule
 
@@ -688,7 +688,10 @@ def bench_e2e(argv):
         data = make_synthetic(os.path.join(tmp, shape), dist=shape, n=2000, max_len=max_len, seed=0, verbose=False)
         ds = load_dataset(data)
         for dp, cp in layouts:
-            batches = [[int(ds.lengths[i]) for i in global_batch(len(ds), dp * args.batch_size, it, args.seed)] for it in range(args.iters)]
+            # the global batches train.py draws (its training split: nothing is held out, eval_fraction=0)
+            train_ids, _ = heldout_split(len(ds), 0.0, args.seed)
+            batches = [[int(ds.lengths[i]) for i in train_ids[global_batch(len(train_ids), dp * args.batch_size, it, args.seed)]]
+                       for it in range(args.iters)]
             plans = {p: [schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost, seed=args.seed + it)
                          for it, b in enumerate(batches)] for p in policies}
             pred = {p: np.array([cost.predict_step_time(plans[p][it], batches[it]) for it in steps]) for p in policies}
@@ -707,7 +710,8 @@ def bench_e2e(argv):
                     loads.append(os.getloadavg()[0])
                     m = _train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
                         dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
-                        max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile))
+                        max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile,
+                        eval_fraction=0.0))
                     meas[p].append(np.array([r["dt_ms"] / 1e3 for r in m[args.warmup:]]))
                 print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in runs), flush=True)
             cells.append((label, dp, cp, pred, {p: np.array(meas[same[p]]) for p in policies}, same))
