@@ -391,7 +391,7 @@ except ValueError as e:
 if dry_run:
     from memory import dry_run as print_dry_run
     # the first 5 global batches (or fewer): each rank's fullest micro-batch over them is what must fit
-    batches = [global_batch(len(ds), n_global, it, seed) for it in range(min(5, max_iters))]
+    batches = [train_ids[global_batch(len(train_ids), n_global, it, seed)] for it in range(min(5, max_iters))]  # as training draws them
     lengths_list = [[int(ds.lengths[i]) for i in idx] for idx in batches]
     plans = [make_plan(l, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=seed + it)
              for it, l in enumerate(lengths_list)]
