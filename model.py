@@ -203,9 +203,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=True)
         self.o_proj = nn.Linear(config.n_head * D, C, bias=False)
 
-    def forward(self, x, cos, sin, attn_fn):  # x (N, C)
-        y = attn_fn(*self.qkv(x, cos, sin))                        # (N, H, D), the seam
-        return self.o_proj(y.reshape(x.shape[0], self.n_head * self.head_dim))  # (N, C)
+    # No forward(): Block calls qkv(), then the attention seam, then o_proj, so that activation
+    # checkpointing can cut the block at the seam (see Block).
 
     def qkv(self, x, cos, sin):  # x (N, C) -> q (N, H, D), k and v (N, Hkv, D), RoPE applied
         N = x.shape[0]
