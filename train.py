@@ -767,8 +767,9 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
     optimizer.step()
     if measure:  # what persists to the next step (gradients included), and the most held within this one
         # (AdamW's state is created by this first step: add it to what was held inside the step)
-        optim_bytes = held_bytes() - held_bytes(optim=False)
-        b = torch.tensor([held_bytes(), max(held + optim_bytes, held_bytes())], dtype=torch.int64, device=device)
+        after = held_bytes()
+        optim_bytes = after - held_bytes(optim=False)
+        b = torch.tensor([after, max(held + optim_bytes, after)], dtype=torch.int64, device=device)
         if world_size > 1:
             dist.all_reduce(b, op=dist.ReduceOp.MAX)
         state = {"state_bytes_per_rank": int(b[0]), "peak_state_bytes_per_rank": int(b[1])}
