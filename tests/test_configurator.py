@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configurator import ConfigError, apply_overrides  # noqa: E402
+from conftest import ROOT
+from configurator import ConfigError, apply_overrides
 
 
 def defaults():

@@ -10,7 +10,6 @@ error per tensor and the parent asserts them, so the worst errors are also easy 
 import datetime
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import context_parallel as cp  # noqa: E402
+import context_parallel as cp
 
 TOL = {"float32": 1e-5, "bfloat16": 2.5e-2}
 D = 16
@@ -303,12 +301,14 @@ def check(records):
     assert not bad, "errors over tolerance:\n" + "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_ring_world2(tmp_path):
     records = run_and_collect(tmp_path, world=2, cp_sizes=[2])
     print(report("world 2, one CP group of 2", records))
     check(records)
 
 
+@pytest.mark.slow
 def test_ring_world4_full_group_and_subgroups(tmp_path):
     """W = 4 on the whole world, then DP=2 x CP=2: two CP sub-groups, each with its own data."""
     records = run_and_collect(tmp_path, world=4, cp_sizes=[4, 2])

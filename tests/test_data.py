@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from data.prepare import DataError, encode_chat, get_tokenizer, load_dataset, prepare  # noqa: E402
-from data.synthetic import MIN_LEN, TABLE1, THRESHOLDS, make_synthetic, sample_lengths, scale_ref  # noqa: E402
+from conftest import ROOT
+from data.prepare import DataError, encode_chat, get_tokenizer, load_dataset, prepare
+from data.synthetic import MIN_LEN, TABLE1, THRESHOLDS, make_synthetic, sample_lengths, scale_ref
 
 CHAT = {"messages": [
     {"role": "system", "content": "Be brief."},

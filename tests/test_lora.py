@@ -1,16 +1,13 @@
 """lora.py against peft (the reference LoRA): adapters saved by us load with peft onto transformers'
 Qwen2ForCausalLM and give the same logits; merging gives the same logits as plain weights; only the
 adapters are trainable. The train.py side (LoRA losses equal across schedules and cp) is in test_train.py."""
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from export import export_hf  # noqa: E402
-from lora import LoRALinear, apply_lora, parse_targets, save_adapter  # noqa: E402
-from model import Transformer  # noqa: E402
+from export import export_hf
+from lora import LoRALinear, apply_lora, parse_targets, save_adapter
+from model import Transformer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -5,17 +5,15 @@ Tests of memory.py and the activation checkpoint modes of model.Block, no proces
 - the three checkpoint modes give the same gradients (cp=1 here; cp=2 and FSDP in test_train.py);
 - the dry run exits 0 when every rank fits and 1, naming the rank, when one does not.
 """
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from memory import _FlashLikeAttention, meta_model, saved_bytes, static_bytes  # noqa: E402
-from model import PRESETS, Transformer  # noqa: E402
+from conftest import ROOT
+from memory import _FlashLikeAttention, meta_model, saved_bytes, static_bytes
+from model import PRESETS, Transformer
 
 MODES = ("none", "full", "selective")
 
@@ -89,6 +87,7 @@ def dry_run(*args):
     return r.returncode, r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_exit_codes(long_dataset):
     rc, out, err = dry_run("config/long_sft_7b.py", "--dry_run_world=32", f"--dataset={long_dataset}")
     assert rc == 0, out + err

@@ -1,13 +1,11 @@
 """model.py against transformers' Qwen2ForCausalLM, packed vs one-by-one, the attn_fn seam, loading errors."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, ModelConfig, Transformer, varlen_attention  # noqa: E402
+from model import PRESETS, ModelConfig, Transformer, varlen_attention
 
 transformers = pytest.importorskip("transformers")  # the oracle; listed in requirements.txt
 

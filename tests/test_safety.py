@@ -19,16 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import _free_port, command, run, train  # noqa: E402
+from conftest import ROOT, _free_port, command, run, train
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from data.synthetic import make_synthetic
-    return make_synthetic(str(tmp_path_factory.mktemp("data") / "syn"), dist="chatqa2", n=64, max_len=512, seed=0, verbose=False)
+pytestmark = pytest.mark.slow  # every test here runs train.py
 
 
 @pytest.fixture(scope="module")

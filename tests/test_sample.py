@@ -1,6 +1,5 @@
 """sample.py: KV-cache decoding against recomputing the whole sequence and against transformers'
 generate; the synthetic answer checker; one-line errors for bad input."""
-import os
 import subprocess
 import sys
 
@@ -8,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from data.synthetic import TASKS, make_sample, solve  # noqa: E402
-from model import KVCache, ModelConfig, Transformer  # noqa: E402
-from sample import generate  # noqa: E402
+from conftest import ROOT
+from data.synthetic import TASKS, make_sample, solve
+from model import KVCache, ModelConfig, Transformer
+from sample import generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,6 +83,7 @@ def run_sample(*args):
     return r.returncode, r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, capsys):
     import sample
     random_model().save_pretrained(tmp_path / "hf")  # vocab 300: the byte tokenizer (264) fits, cl100k does not

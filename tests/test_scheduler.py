@@ -1,16 +1,13 @@
 """scheduler.py: plan invariants (hypothesis), roll-back, errors, baselines, cost model, MILP gap."""
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scheduler import POLICIES, CostModel, MicroBatch, dacp, local_slots, padded_len, refine, schedule  # noqa: E402
-from simulate import gap_instances, milp, optimality_gaps  # noqa: E402
+from scheduler import POLICIES, CostModel, MicroBatch, dacp, local_slots, padded_len, refine, schedule
+from simulate import gap_instances, milp, optimality_gaps
 
 
 def check_plan(plan, lengths, dp, cp, C):
@@ -334,6 +331,7 @@ def test_refine_never_worse():
 GAP_MEAN, GAP_MAX = 0.06, 0.30
 
 
+@pytest.mark.slow
 def test_optimality_gap():
     res = optimality_gaps(gap_instances(12, seed=0), time_limit=10.0)
     lb = np.array([r[0] for r in res])

@@ -13,7 +13,6 @@ Safety (refusals, NaN, resume checks, ranks agreeing) is in tests/test_safety.py
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -21,45 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import ROOT, train
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from data.synthetic import make_synthetic
-    return make_synthetic(str(tmp_path_factory.mktemp("data") / "syn"), dist="chatqa2", n=64, max_len=512, seed=0, verbose=False)
-
-
-def command(out_dir, dataset, nproc=1, script="train.py", **overrides):
-    args = dict(out_dir=str(out_dir), dataset=dataset, batch_size=4, bucket_size=512, max_iters=4, warmup_iters=2,
-                lr_decay_iters=8, checkpoint_interval=0, threads=1, device="cpu", dtype="float32",
-                eval_fraction=0.0, export=False)
-    args.update(overrides)
-    argv = ["config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in args.items() if v is not None]
-    if nproc == 1:
-        return [sys.executable, script] + argv
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}", script] + argv
-
-
-def run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def train(out_dir, dataset, nproc=1, **overrides):
-    """Run train.py and return its metrics.jsonl records."""
-    cmd = command(out_dir, dataset, nproc, **overrides)
-    r = run(cmd)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+pytestmark = pytest.mark.slow  # every test here runs train.py
 
 
 # held-out eval on a quarter of the 64 samples, 2 global batches, after every 2 steps: the equivalence

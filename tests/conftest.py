@@ -1,0 +1,76 @@
+"""Shared test set-up: the repo root on sys.path, the small synthetic datasets, and the launcher that runs
+train.py as a user does (python, or torchrun with gloo on CPU).
+
+Markers (`python -m pytest -q -m "not slow" tests` is the quick subset, for editing one file):
+  slow  starts train.py, torchrun or spawned workers, or takes more than a few seconds
+  cuda  needs a GPU; skips itself only when CUDA is absent
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes (train.py, torchrun, spawn) or runs for seconds")
+    config.addinivalue_line("markers", "cuda: needs a GPU (skips itself without CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    no_cuda = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False here")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """64 bimodal (ChatQA2-shaped) byte-token samples of at most 512 tokens: the training tests' data."""
+    from data.synthetic import make_synthetic
+    return make_synthetic(str(tmp_path_factory.mktemp("data") / "syn"), dist="chatqa2", n=64, max_len=512, seed=0,
+                          verbose=False)
+
+
+def command(out_dir, dataset, nproc=1, script="train.py", **overrides):
+    """train.py's command line on the tiny CPU config, one process or torchrun with `nproc` gloo ranks."""
+    args = dict(out_dir=str(out_dir), dataset=dataset, batch_size=4, bucket_size=512, max_iters=4, warmup_iters=2,
+                lr_decay_iters=8, checkpoint_interval=0, threads=1, device="cpu", dtype="float32",
+                eval_fraction=0.0, export=False)
+    args.update(overrides)
+    argv = ["config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in args.items() if v is not None]
+    if nproc == 1:
+        return [sys.executable, script] + argv
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}", script] + argv
+
+
+def run(cmd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train(out_dir, dataset, nproc=1, **overrides):
+    """Run train.py and return its metrics.jsonl records."""
+    cmd = command(out_dir, dataset, nproc, **overrides)
+    r = run(cmd)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
