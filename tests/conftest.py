@@ -50,13 +50,14 @@ def dataset(tmp_path_factory):
                           verbose=False)
 
 
-def command(out_dir, dataset, nproc=1, script="train.py", **overrides):
-    """train.py's command line on the tiny CPU config, one process or torchrun with `nproc` gloo ranks."""
+def command(out_dir, dataset, nproc=1, script="train.py", configs=(), **overrides):
+    """train.py's command line on the tiny CPU config (then `configs`, more config files), one process or
+    torchrun with `nproc` gloo ranks."""
     args = dict(out_dir=str(out_dir), dataset=dataset, batch_size=4, bucket_size=512, max_iters=4, warmup_iters=2,
                 lr_decay_iters=8, checkpoint_interval=0, threads=1, device="cpu", dtype="float32",
                 eval_fraction=0.0, export=False)
     args.update(overrides)
-    argv = ["config/long_sft_cpu.py"] + [f"--{k}={v}" for k, v in args.items() if v is not None]
+    argv = ["config/long_sft_cpu.py", *map(str, configs)] + [f"--{k}={v}" for k, v in args.items() if v is not None]
     if nproc == 1:
         return [sys.executable, script] + argv
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -68,9 +69,9 @@ def run(cmd, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def train(out_dir, dataset, nproc=1, **overrides):
+def train(out_dir, dataset, nproc=1, configs=(), **overrides):
     """Run train.py and return its metrics.jsonl records."""
-    cmd = command(out_dir, dataset, nproc, **overrides)
+    cmd = command(out_dir, dataset, nproc, configs=configs, **overrides)
     r = run(cmd)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
