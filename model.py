@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from context_parallel import AttnPlan, attention
+from scheduler import SHAPES
 
 
 @dataclass
@@ -89,10 +90,9 @@ class ModelConfig:
 
 
 PRESETS = {
-    # real Hugging Face shapes (config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-7B), the paper's two models
-    "qwen2.5-0.5b": ModelConfig(),
-    "qwen2.5-7b": ModelConfig(vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4, n_embd=3584,
-                              intermediate_size=18944, tie_embeddings=False),
+    # the paper's two models, Qwen2.5-0.5B and Qwen2.5-7B: their config.json shapes are written once, in
+    # scheduler.SHAPES, where the cost model reads them without importing torch
+    **{name: ModelConfig(**shape) for name, shape in SHAPES.items()},
     # ~0.8M parameters for a 2-core CPU: byte-level vocab (256 bytes + 8 specials), head_dim 32, same
     # GQA ratio as Qwen2.5-0.5B's spirit (2 query heads per KV head); classic RoPE base for short contexts
     "tiny": ModelConfig(vocab_size=264, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,

@@ -5,15 +5,17 @@ and the scheduling overhead. Pure Python + numpy + scipy (the MILP); no torch.
     python simulate.py             # predicted step times, speedups, bound, overhead, MILP gaps
     python simulate.py --gap       # only the MILP gaps
     python simulate.py --const b_seq=15e-6 --const comm_overlap=0    # the table with other constants
+    python simulate.py --policy_file my_policy.py --policies skrull,longest_first   # your own policy
 
 Pieces, top to bottom:
   1. milp                 the best plan for a tiny global batch under scheduler.CostModel (scipy HiGHS)
   2. optimality gaps      skrull and skrull_plus against it
   3. simulate             paper Table 1 length distributions, the paper's setups, H100 constants
 """
+import argparse
 import math
 import os
-import sys
+import runpy
 import time
 
 import numpy as np
@@ -84,7 +86,7 @@ def milp(lengths, dp, cp, bucket_size, cost=None, max_mb=None, time_limit=30.0):
             block = plus((c.b_call, {v("z", r, m): 1}), (c.b_seq, d)) if N > 1 else {}
             ring_attn = {v("d", i, r, m): c.a_ring * c.attn_flops / L * sp[i] ** 2 / N ** 2 for i in range(n)} if N > 1 else {}
             hop = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * c.comm_bytes, share)) if N > 1 else {}
-            hop32 = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * 4, share)) if N > 1 else {}
+            hop_grad = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * 4, share)) if N > 1 else {}
             for j in range(N):
                 x = {v("x", i, r, m, j): 1 for i in range(n)}
                 tok = plus((1, {v("x", i, r, m, j): lengths[i] for i in range(n)}), (1, share))
@@ -99,7 +101,7 @@ def milp(lengths, dp, cp, bucket_size, cost=None, max_mb=None, time_limit=30.0):
                 fwd = plus((1 / 3, slice_), (c.b_seq / N, x), (1, block), (1 / 3, ring_attn))
                 bwd = plus((2 / 3, slice_), (c.b_seq / N, x), (1, block), (2 / 3, ring_attn))
                 steps = []
-                for name, comp, comm in (("f", fwd, hop), ("b", bwd, plus((1, hop), (1, hop32))), ("bl", bwd, hop32)):
+                for name, comp, comm in (("f", fwd, hop), ("b", bwd, plus((1, hop), (1, hop_grad))), ("bl", bwd, hop_grad)):
                     u = v("u", name, r, m, j)
                     add(plus((1, comp), ((1 - o), comm), (-1, {u: 1})), -np.inf, 0)
                     add(plus((1, comm), ((1 - o), comp), (-1, {u: 1})), -np.inf, 0)
@@ -147,7 +149,7 @@ def gap_instances(n_instances=12, seed=0, bucket_size=26_000):
     return out
 
 
-def optimality_gaps(instances=None, cost=None, max_mb=3, time_limit=20.0):
+def optimality_gaps(instances=None, cost=None, max_mb=3, time_limit=20.0, policies=("skrull", "skrull_plus")):
     """For each instance: (MILP lower bound, MILP plan under CostModel, {policy: CostModel time}), every
     time the slowest DP rank's sum of micro-batch times (sync=True, no optimizer step)."""
     cost = cost or default_cost()
@@ -156,22 +158,23 @@ def optimality_gaps(instances=None, cost=None, max_mb=3, time_limit=20.0):
         lb, plan = milp(lengths, dp, cp, C, cost, max_mb=max_mb, time_limit=time_limit)
         ub = cost.predict_step_time(plan, lengths, sync=True, include_step=False)
         t = {p: cost.predict_step_time(schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost),
-                                       lengths, sync=True, include_step=False) for p in ("skrull", "skrull_plus")}
+                                       lengths, sync=True, include_step=False) for p in policies}
         out.append((lb, ub, t))
     return out
 
 
-def report_gaps(time_limit=20.0):
-    res = optimality_gaps(time_limit=time_limit)
+def report_gaps(time_limit=20.0, policies=("skrull", "skrull_plus")):
+    res = optimality_gaps(time_limit=time_limit, policies=policies)
     lb = np.array([r[0] for r in res])
     ub = np.array([r[1] for r in res])
     print(f"MILP optimum vs the heuristics ({len(res)} fixed instances: 5-7 seqs, DP 1-2, CP 2/4, <= 3 micro-batches "
           f"per DP rank, C=26K, 0.5B H100 constants; time = slowest DP rank, micro-batches as barriers):")
     print(f"  MILP bound <= best plan <= MILP plan: the bound is {np.mean(ub / lb - 1) * 100:.1f}% below its own plan on average")
-    for p in ("skrull", "skrull_plus"):
+    name_width = max([11] + [len(p) for p in policies])
+    for p in policies:
         t = np.array([r[2][p] for r in res])
         g, gu = t / lb - 1, t / np.minimum(ub, t) - 1
-        print(f"  {p:11s} gap to the bound: mean {g.mean() * 100:5.1f}% max {g.max() * 100:5.1f}%   "
+        print(f"  {p:{name_width}s} gap to the bound: mean {g.mean() * 100:5.1f}% max {g.max() * 100:5.1f}%   "
               f"to the best plan found (MILP's or its own): mean {gu.mean() * 100:5.1f}% max {gu.max() * 100:5.1f}%")
 
 # -----------------------------------------------------------------------------
@@ -227,29 +230,39 @@ def schedule_overhead(lengths, dp, cp, bucket_size, cost, policy, repeats=30):
     return times
 
 
-def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None):
+BASELINES = ("naive", "sorted", "dacp")  # the paper's comparisons; the table's summary also needs skrull, skrull_plus
+
+
+def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None, policies=None):
+    """The table for `policies` (default: every name in scheduler.POLICIES); the summary columns and lines
+    always come from naive, sorted, skrull and skrull_plus, which run too. Then the scheduling overhead
+    and (gap=True) the MILP gaps of the policies that are not baselines."""
     const = const or {}
+    shown = list(policies or POLICIES)
+    run = list(dict.fromkeys(shown + ["naive", "sorted", "skrull", "skrull_plus"]))
+    searched = [p for p in shown if p not in BASELINES]  # overhead and MILP gaps
+    width = {p: max(12, len(p) + 1) for p in shown}
     print(f"Predicted step time (ms, mean over {n_batches} global batches from paper Table 1 length "
           f"distributions) under scheduler.CostModel with H100 constants (assumptions: scheduler.H100)" +
           (f", except {', '.join(f'{k}={v:g}' for k, v in const.items())}" if const else "") + ".")
     hdr = f"{'model':13s} {'C':>4s} {'DPxCP':>6s} {'BS':>3s} {'dataset':10s} " + \
-          "".join(f"{p:>12s}" for p in POLICIES) + f"{'bound':>9s} {'plus/skrull':>12s} {'possible':>9s} {'worst batch':>12s}"
+          "".join(f"{p:>{width[p]}s}" for p in shown) + f"{'bound':>9s} {'plus/skrull':>12s} {'possible':>9s} {'worst batch':>12s}"
     print(hdr)
     print("-" * len(hdr))
     rng = np.random.default_rng(seed)
     speed = {"0.5b": [], "7b": [], "sorted": []}
-    example = None
+    plot_batch = None
     for label, model, C, dp, cp, bs, datasets in SETUPS:
         cost = CostModel(model)
         for k, v in const.items():
             setattr(cost, k, v)
         for ds in datasets:
-            tot = dict.fromkeys(POLICIES, 0.0)
+            tot = dict.fromkeys(run, 0.0)
             bound, ratios = 0.0, []
             for b in range(n_batches):
                 lengths = sample_global_batch(ds, dp * bs, rng, cp * C)
                 t = {}
-                for p in POLICIES:
+                for p in run:
                     plan = schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost, seed=b)
                     t[p] = cost.predict_step_time(plan, lengths)
                     tot[p] += t[p] / n_batches
@@ -257,10 +270,10 @@ def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None):
                 ratios.append(t["skrull_plus"] / t["skrull"])
                 speed["0.5b" if model == "qwen2.5-0.5b" else "7b"].append(t["naive"] / t["skrull"])
                 speed["sorted"].append(t["sorted"] / t["skrull"])
-                if example is None and model == "qwen2.5-0.5b" and ds == "chatqa2":
-                    example = (lengths, dp, cp, C, cost)
+                if plot_batch is None and model == "qwen2.5-0.5b" and ds == "chatqa2":
+                    plot_batch = (lengths, dp, cp, C, cost)
             print(f"{label:13s} {C // 1000:>3d}K {dp:>2d}x{cp:<3d} {bs:>3d} {ds:10s} " +
-                  "".join(f"{tot[p] * 1e3:12.1f}" for p in POLICIES) +
+                  "".join(f"{tot[p] * 1e3:{width[p]}.1f}" for p in shown) +
                   f"{bound * 1e3:9.1f} {(1 - tot['skrull_plus'] / tot['skrull']) * 100:10.1f}% "
                   f"{(1 - bound / tot['skrull']) * 100:7.1f}% {(1 - max(ratios)) * 100:10.1f}%")
     print("-" * len(hdr))
@@ -274,7 +287,7 @@ def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None):
           f"(paper {PAPER['overall']:.2f}x)")
     print(f"skrull vs sorted (LongAlign): overall {np.mean(speed['sorted']):.2f}x (paper {PAPER['sorted']:.2f}x)")
 
-    lengths, dp, cp, C, cost = example
+    lengths, dp, cp, C, cost = plot_batch
     plans = {p: schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost) for p in ("naive", "skrull", "skrull_plus")}
     if png and plot_loads(png, lengths, plans, cost):
         print(f"per-rank load plot (Qwen2.5-0.5B, chatqa2): {png}")
@@ -285,32 +298,52 @@ def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None):
     cost = CostModel("qwen2.5-0.5b")
     print(f"scheduling overhead, 256 sequences, DP=4 CP=8 C=26K, 30 calls each (target <= 10 ms median); "
           f"machine load (1-minute average) {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    name_width = max([11] + [len(p) for p in searched])
     for ds in ("wikipedia", "lmsys", "chatqa2"):
         lengths = sample_global_batch(ds, 256, np.random.default_rng(seed), 8 * 26_000)
-        for p in ("skrull", "skrull_plus"):
+        for p in searched:
             ts = np.array(schedule_overhead(lengths, 4, 8, 26_000, cost, p)) * 1e3
-            print(f"  {p:11s} ({ds:9s}): wall median {np.median(ts[:, 0]):5.2f} ms (min {ts[:, 0].min():.2f}, max "
+            print(f"  {p:{name_width}s} ({ds:9s}): wall median {np.median(ts[:, 0]):5.2f} ms (min {ts[:, 0].min():.2f}, max "
                   f"{ts[:, 0].max():.2f}), CPU time median {np.median(ts[:, 1]):5.2f} ms")
-    if gap:
-        report_gaps()
+    if gap and searched:
+        report_gaps(policies=searched)
 
 
-if __name__ == "__main__":
-    args, const = sys.argv[1:], {}
-    usage = "usage: python simulate.py [--gap] [--const NAME=VALUE ...]   (NAME: a CostModel constant, e.g. b_seq)"
-    while args[:1] == ["--const"] and len(args) >= 2:
-        name, _, value = args[1].partition("=")
+def main(argv=None):
+    times = [c for c in CONSTANTS if c not in ("bucket_size", "device_memory", "mem_per_token", "mem_static")]
+    ap = argparse.ArgumentParser(description="The scheduler off-line: the paper's setups through the policies, "
+                                 "the bound, the scheduling overhead and the MILP gaps.")
+    ap.add_argument("--gap", action="store_true", help="only the MILP gaps")
+    ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
+                    help=f"the table with another value of a cost model time constant ({', '.join(times)}); "
+                         "repeatable; skips the MILP gaps")
+    ap.add_argument("--policy_file", action="append", default=[], metavar="PATH",
+                    help="a Python file run first (runpy) that registers policies: scheduler.POLICIES['name'] = fn")
+    ap.add_argument("--policies", metavar="A,B", help="the policies to compare (default: every registered one)")
+    args = ap.parse_args(argv)
+    const = {}
+    for item in args.const:
+        name, _, value = item.partition("=")
+        if name not in times:
+            ap.error(f"--const {item}: {name!r} is not a time constant of the cost model (one of {', '.join(times)})")
         try:
             const[name] = float(value)
         except ValueError:
-            sys.exit(f"--const {args[1]}: expected NAME=NUMBER\n{usage}")
-        if name not in CONSTANTS or name in ("bucket_size", "device_memory", "mem_per_token", "mem_static"):
-            sys.exit(f"--const {name}: not a time constant of the cost model (one of "
-                     f"{', '.join(c for c in CONSTANTS if c not in ('bucket_size', 'device_memory', 'mem_per_token', 'mem_static'))})")
-        args = args[2:]
-    if args == ["--gap"] and not const:
-        report_gaps()
-    elif args:
-        sys.exit(usage)
+            ap.error(f"--const {item}: expected NAME=NUMBER")
+    for path in args.policy_file:
+        runpy.run_path(path, run_name="__policy__")
+    policies = args.policies.split(",") if args.policies else list(POLICIES)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        ap.error(f"--policies: unknown {', '.join(unknown)}; registered: {', '.join(POLICIES)}")
+    if args.gap and const:
+        ap.error("--gap takes no --const (the MILP gaps use the default constants)")
+    searched = [p for p in policies if p not in BASELINES]
+    if args.gap:
+        report_gaps(policies=searched or ("skrull", "skrull_plus"))
     else:
-        simulate(const=const, gap=not const)
+        simulate(const=const, gap=not const, policies=policies)
+
+
+if __name__ == "__main__":
+    main()

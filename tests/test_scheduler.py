@@ -1,12 +1,19 @@
-"""scheduler.py: plan invariants (hypothesis), roll-back, errors, baselines, cost model, MILP gap."""
+"""scheduler.py and skrull_plus.py: plan invariants (hypothesis), roll-back, errors, baselines, the policy
+registry and schedule()'s checks, cost model, MILP gap."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from scheduler import POLICIES, CostModel, MicroBatch, dacp, local_slots, padded_len, refine, schedule
+from scheduler import POLICIES, CostModel, MicroBatch, dacp, local_slots, padded_len, schedule
+from skrull_plus import balance_dp, rank_time_bound, refine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from simulate import gap_instances, milp, optimality_gaps
 
 
@@ -109,6 +116,74 @@ def test_errors():
     with pytest.raises(ValueError, match="policy"):
         schedule([3], dp=1, cp=1, bucket_size=10, policy="fastest")
     schedule([20], dp=1, cp=2, bucket_size=10)  # exactly cp*C, already a multiple of 2cp: fits
+
+
+@pytest.fixture
+def register():
+    """register(name, fn) adds a policy to POLICIES for one test; the registry is as before afterwards."""
+    before = dict(POLICIES)
+    yield POLICIES.__setitem__
+    POLICIES.clear()
+    POLICIES.update(before)
+
+
+def toy(lengths, *, dp, cp, bucket_size, cost, seed):
+    """One sequence per micro-batch, round robin over DP ranks: whole on CP rank 0 if it fits, else distributed."""
+    assert isinstance(cost, CostModel)  # schedule() passes default_cost() when given none
+    plan = [[] for _ in range(dp)]
+    for k, s in enumerate(lengths):
+        local = [[k] if j == 0 and s <= bucket_size else [] for j in range(cp)]
+        plan[k % dp].append(MicroBatch([] if local[0] else [k], local))
+    return plan
+
+
+def test_registered_policy_runs_through_schedule(register):
+    register("toy", toy)
+    lengths = [5, 40, 17, 3, 60, 9]
+    for dp, cp, C in ((1, 1, 64), (2, 2, 32), (3, 4, 32)):
+        plan = schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy="toy")
+        check_plan(plan, lengths, dp, cp, C)
+        assert plan == toy(lengths, dp=dp, cp=cp, bucket_size=C, cost=CostModel(), seed=0)
+    with pytest.raises(ValueError, match="expected one of naive, sorted, dacp, skrull, skrull_plus, toy"):
+        schedule(lengths, dp=1, cp=2, bucket_size=32, policy="fastest")
+
+
+def _broken(how):
+    """toy's plan for lengths [5, 40, 17, 3, 60, 9], dp=2, cp=2, C=32, then broken `how`. DP rank 0 holds
+    local 5, local 17, distributed 60 (30 per CP rank); DP rank 1 distributed 40, local 3, local 9."""
+    def policy(lengths, **kw):
+        plan = toy(lengths, **kw)
+        how(plan)
+        return plan
+    return policy
+
+
+@pytest.mark.parametrize("how, problem", [
+    (lambda plan: plan[1].pop(), "sequence 5 appears 0 times"),
+    (lambda plan: plan[1].append(MicroBatch([], [[0], []])), "sequence 0 appears 2 times"),
+    (lambda plan: plan[0].__setitem__(slice(None), [MicroBatch([4], [[0, 2], []])]),
+     "DP rank 0, micro-batch 0, CP rank 0 holds 52 tokens"),
+    (lambda plan: plan.pop(), "returned 1 DP ranks, expected dp=2"),
+    (lambda plan: plan[0].append(MicroBatch([], [[], []])), "DP rank 0, micro-batch 3 is empty"),
+    (lambda plan: plan[0].__setitem__(0, MicroBatch([], [[0]])), "DP rank 0, micro-batch 0 is not a MicroBatch with cp=2"),
+    (lambda plan: plan[1][0].local[1].append(6), "DP rank 1, micro-batch 0 holds 6, not an index into the 6 lengths"),
+], ids=["missing", "twice", "over the bucket", "DP ranks", "empty micro-batch", "CP lists", "bad index"])
+def test_broken_policy_is_refused(register, how, problem):
+    register("broken", _broken(how))
+    with pytest.raises(ValueError) as e:
+        schedule([5, 40, 17, 3, 60, 9], dp=2, cp=2, bucket_size=32, policy="broken")
+    assert str(e.value).startswith(f"policy 'broken': {problem}"), str(e.value)
+
+
+def test_scheduler_alone_runs_skrull_plus():
+    """schedule(policy="skrull_plus") works without its caller importing skrull_plus, and neither file
+    imports torch."""
+    code = ("import sys, scheduler\n"
+            "assert 'skrull_plus' not in sys.modules\n"
+            "scheduler.schedule([300, 2000, 7000, 40], dp=2, cp=2, bucket_size=4096, policy='skrull_plus')\n"
+            "assert 'skrull_plus' in sys.modules and 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_naive_dataset_order_all_distributed():
@@ -286,7 +361,7 @@ def test_rank_time_bound():
             loc = sorted((int(x) for x in rng.integers(1, 20_000, size=int(rng.integers(0, 9)))), reverse=True)
             tok = (ring.share if ring else 0) + sum(loc)
             exact = c.rank_time(tok, loc, ring)
-            bound = c.rank_time_bound(tok, len(loc), sum(s * s for s in loc), ring)
+            bound = rank_time_bound(c, tok, len(loc), sum(s * s for s in loc), ring)
             assert bound <= exact * (1 + 1e-12)
             if ring is None:
                 assert bound == pytest.approx(exact, rel=1e-12)
@@ -295,7 +370,6 @@ def test_rank_time_bound():
 def test_balance_dp():
     """Moving local sequences between DP ranks never makes the slowest DP rank slower, keeps every
     micro-batch inside the bucket, and on a lopsided split lowers the step."""
-    from scheduler import balance_dp
     c = CostModel()
     lengths = [3000] * 6 + [500] * 10 + [2000] * 2  # DP rank 0's CP rank 0 holds twice the others' work
     plan = [[MicroBatch([], [[0, 1], [2], [3]])], [MicroBatch([], [[4, 6, 7], [5, 8], [9, 10]])],
