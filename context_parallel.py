@@ -120,14 +120,16 @@ def pad_to_multiple(input_ids, labels, position_ids, lengths, multiple):
 # are private and have changed signature between releases, and PyTorch ships the same FA2 kernels.
 # CPU: torch's flash op per sequence, in fp32 or fp64: exact, and the reference the GPU is held to.
 
-Cu = namedtuple("Cu", "list tensor max")  # offsets as python ints (CPU loop) and int32 on the device (flash)
+# varlen offsets of one block: `host` python ints (the CPU loop), `cuda` the same as int32 on the CUDA
+# device (the flash kernels; None on CPU), `max_len` the longest sequence
+Offsets = namedtuple("Offsets", "host cuda max_len")
 
 
-def _cu(offsets, device):
+def _offsets(offsets, device):
     offsets = [int(x) for x in offsets]
     lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    tensor = torch.tensor(offsets, dtype=torch.int32, device=device) if torch.device(device).type == "cuda" else None
-    return Cu(offsets, tensor, max(lens, default=0))
+    on_cuda = torch.tensor(offsets, dtype=torch.int32, device=device) if torch.device(device).type == "cuda" else None
+    return Offsets(offsets, on_cuda, max(lens, default=0))
 
 
 _NO_DROPOUT_RNG = {}  # the backward's philox seed/offset arguments: unused without dropout, one per device
@@ -138,7 +140,7 @@ def _attn_fwd(q, k, v, cu_q, cu_k, causal, scale):
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"attention on CUDA runs flash kernels: q/k/v must be bf16 or fp16 (use autocast), got {q.dtype}")
         out, lse = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q.tensor, cu_k.tensor, cu_q.max, cu_k.max, 0.0, causal, False, scale=scale)[:2]
+            q, k, v, cu_q.cuda, cu_k.cuda, cu_q.max_len, cu_k.max_len, 0.0, causal, False, scale=scale)[:2]
         # the merge and the backward index lse as (H, Tq); some torch releases returned a padded
         # (batch, H, max_q) layout here instead. A shape check costs no device sync.
         if lse.shape != (q.shape[1], q.shape[0]):
@@ -151,11 +153,11 @@ def _attn_fwd(q, k, v, cu_q, cu_k, causal, scale):
     g, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     out, lse = torch.zeros_like(q), q.new_full((q.shape[1], q.shape[0]), -math.inf)
-    for a, b, c, d in zip(cu_q.list[:-1], cu_q.list[1:], cu_k.list[:-1], cu_k.list[1:]):
+    for a, b, c, d in zip(cu_q.host[:-1], cu_q.host[1:], cu_k.host[:-1], cu_k.host[1:]):
         if b > a and d > c:
-            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            seq_out, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _bhsd(q[a:b]), _bhsd(k[c:d], g), _bhsd(v[c:d], g), 0.0, causal, scale=scale)
-            out[a:b], lse[:, a:b] = o[0].transpose(0, 1), l[0]
+            out[a:b], lse[:, a:b] = seq_out[0].transpose(0, 1), seq_lse[0]
     return out, lse
 
 
@@ -166,12 +168,12 @@ def _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
             _NO_DROPOUT_RNG[q.device] = torch.zeros(2, dtype=torch.uint64, device=q.device)
         rng = _NO_DROPOUT_RNG[q.device]
         return torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), cu_q.tensor, cu_k.tensor, cu_q.max, cu_k.max,
+            dout, q, k, v, out, lse.contiguous(), cu_q.cuda, cu_k.cuda, cu_q.max_len, cu_k.max_len,
             0.0, causal, rng, rng, scale=scale)
     g, acc = q.shape[1] // k.shape[1], torch.promote_types(q.dtype, torch.float32)
     dout, q, k, v, out = (x.to(acc) for x in (dout, q, k, v, out))
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for a, b, c, d in zip(cu_q.list[:-1], cu_q.list[1:], cu_k.list[:-1], cu_k.list[1:]):
+    for a, b, c, d in zip(cu_q.host[:-1], cu_q.host[1:], cu_k.host[:-1], cu_k.host[1:]):
         if b > a and d > c:
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _bhsd(dout[a:b]), _bhsd(q[a:b]), _bhsd(k[c:d], g), _bhsd(v[c:d], g),
@@ -188,15 +190,16 @@ def _bhsd(x, groups=1):  # (S, H, D) -> (1, H * groups, S, D), kv head j serving
 
 def _merge(out, lse, block_out, block_lse, rows=None):
     """Fold a block's (out, lse) into the fp32 accumulators, in place (only `rows` if given)."""
-    o, l = (out, lse) if rows is None else (out[rows], lse[:, rows])
-    new = torch.logaddexp(l, block_lse)
+    old_out, old_lse = (out, lse) if rows is None else (out[rows], lse[:, rows])
+    new = torch.logaddexp(old_lse, block_lse)
     safe = new.masked_fill(new == -math.inf, 0.0)  # both sides empty: keep out 0, lse -inf (no NaN)
-    o = o * torch.exp(l - safe).T[..., None] + block_out.to(o.dtype) * torch.exp(block_lse - safe).T[..., None]
+    merged = (old_out * torch.exp(old_lse - safe).T[..., None]
+              + block_out.to(old_out.dtype) * torch.exp(block_lse - safe).T[..., None])
     if rows is None:
-        out.copy_(o)
+        out.copy_(merged)
         lse.copy_(new)
     else:
-        out[rows], lse[:, rows] = o, new
+        out[rows], lse[:, rows] = merged, new
 
 # -----------------------------------------------------------------------------
 # the plan: everything about a micro-batch's attention that depends only on its offsets
@@ -227,7 +230,7 @@ class AttnPlan:
             raise ValueError(f"distributed lengths {lens} must be multiples of 2*W={n2}; see pad_to_multiple")
         full = [0] + [sum(lens[:i + 1]) // W for i in range(len(lens))]  # this rank's offsets (2 chunks/seq)
         half = [0] + [sum(lens[:i + 1]) // n2 for i in range(len(lens))]  # one chunk per seq
-        self.n_dist, self.full, self.half = full[-1], _cu(full, dev), _cu(half, dev)
+        self.n_dist, self.full, self.half = full[-1], _offsets(full, dev), _offsets(half, dev)
         first = [torch.arange(full[i], full[i] + half[i + 1] - half[i]) for i in range(len(lens))]
         second = [torch.arange(full[i] + half[i + 1] - half[i], full[i + 1]) for i in range(len(lens))]
         self.first = torch.cat(first).to(dev) if first else None
@@ -242,7 +245,7 @@ class AttnPlan:
         for n in loc:
             groups[min(slots - 1, done * slots // total) if total else 0].append((start, start + n))
             done, start = done + n * n, start + n
-        self.local = [(g[0][0], g[-1][1], _cu([0] + [b - g[0][0] for _, b in g], dev)) if g else None
+        self.local = [(g[0][0], g[-1][1], _offsets([0] + [b - g[0][0] for _, b in g], dev)) if g else None
                       for g in groups]
 
     def check(self, q, k):
@@ -334,7 +337,11 @@ class _MemoryRing:
 # the hop handed over in memory (emulated_attention), so the emulation runs the very same blocks.
 
 
-class _DACPAttention(torch.autograd.Function):
+class _PlannedAttention(torch.autograd.Function):
+    """Attention of one micro-batch run from each rank's AttnPlan: ring blocks for the distributed rows
+    (the plain ring when there are no local ones), local slices while the hops travel (DACP), or one
+    local call when nothing is distributed. `plans` holds one rank's plan, or W emulated ranks'."""
+
     @staticmethod
     def forward(ctx, ring, plans, *qkv):
         n, p0 = len(plans), plans[0]
@@ -407,7 +414,7 @@ def attention(q, k, v, plan):
     q (T, H, D), k/v (T, H_kv, D) -> out (T, H, D), differentiable in q, k, v."""
     plan.check(q, k)
     ring = _Ring(plan.group, q.device) if plan.world > 1 and plan.n_dist else None
-    return _DACPAttention.apply(ring, [plan], q, k, v)[0]
+    return _PlannedAttention.apply(ring, [plan], q, k, v)[0]
 
 
 def ring_attention(q, k, v, cu_seqlens, group=None):
@@ -436,4 +443,4 @@ def emulated_attention(qs, ks, vs, cu_seqlens_dist, cu_seqlens_locals=None):
     plans = [AttnPlan(cu_seqlens_dist, locals_[r], qs[r].device, world=W, rank=r) for r in range(W)]
     for p, q, k in zip(plans, qs, ks):
         p.check(q, k)
-    return list(_DACPAttention.apply(_MemoryRing() if W > 1 else None, plans, *qs, *ks, *vs))
+    return list(_PlannedAttention.apply(_MemoryRing() if W > 1 else None, plans, *qs, *ks, *vs))

@@ -149,7 +149,7 @@ def test_emulated_ring_matches_reference(W):
     """The in-process ring over the same cases as the gloo tests, W = 2, 4, 8: what one GPU can check."""
     records = []
     for i, (name, dist_lens, local_lens) in enumerate(cases(W, seed=W)):
-        for dtype in (torch.float32, torch.bfloat16) if W < 8 else (torch.float32,):  # W=8 bf16: bench.py gpu
+        for dtype in (torch.float32, torch.bfloat16) if W < 8 else (torch.float32,):  # W=8 bf16: tests/test_gpu.py
             errs = emulated_case(dist_lens, local_lens, (4, 2), dtype, W, seed=i)
             records.append({"case": name, "W": W, "heads": "4/2", "dtype": str(dtype).split(".")[1], "rank": "all", **errs})
     print(report(f"in-process ring, W={W}", records))
@@ -176,7 +176,7 @@ def test_rectangular_blocks_match_reference():
     torch.manual_seed(0)
     cu_q, cu_k = [0, 5, 5, 17, 20], [0, 9, 12, 13, 30]
     q, k, v = torch.randn(20, 4, D, dtype=torch.float64), torch.randn(30, 2, D, dtype=torch.float64), torch.randn(30, 2, D, dtype=torch.float64)
-    cq, ck = cp._cu(cu_q, "cpu"), cp._cu(cu_k, "cpu")
+    cq, ck = cp._offsets(cu_q, "cpu"), cp._offsets(cu_k, "cpu")
     out, lse = cp._attn_fwd(q.float(), k.float(), v.float(), cq, ck, False, D ** -0.5)
     assert lse.shape == (4, 20) and lse.dtype == torch.float32
     for a, b, c, d in [x for x in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]) if x[1] > x[0]]:

@@ -1,0 +1,169 @@
+"""End to end, measured against the cost model: train.py with 2 gloo processes (1 thread each) in two
+layouts, dp=2 x cp=1 (GDS balances DP ranks) and dp=1 x cp=2 (DACP local vs distributed), on a
+long-tail and a bimodal synthetic set (paper Table 1 shapes, scaled), every policy on the same global
+batches (same seed) with the same kernels and code path: only the plan differs.
+
+Policies whose plans are the same on every step run once (their times would differ by noise only:
+"same plans"). The runs are interleaved, rep after rep in a rotated order, so the policies see the
+same machine noise; each step's time is the median over reps. Beside it: CostModel's prediction for
+that step's plan from the profile (fitted on the profile's own runs, never on these). Each run's
+1-minute load average is printed beside the profile's: on a shared machine the two drift apart, and
+so do prediction and measurement.
+
+    python -m bench.e2e [--profile profile_cpu.json] [--iters 6] [--warmup 1] [--reps 3] [--batch_size 16]
+                        [--policies naive,skrull,skrull_plus] [--seed 1337]
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import load_average, train_run
+from scheduler import POLICIES, CostModel, schedule
+
+# (name, Table 1 shape, max_len = bucket_size): the long-tail set at the CPU config's 8192 tokens,
+# the bimodal one at 4096 (its mean sample is 10x longer, so steps are 10x dearer)
+SETS = (("long-tail", "wikipedia", 8192), ("bimodal", "chatqa2", 4096))
+LAYOUTS = ((2, 1), (1, 2))  # (dp, cp), 2 processes each
+
+
+def plan_key(plan):
+    """A plan up to what its time does not depend on: the order of DP ranks, of micro-batches, of CP
+    ranks and of the distributed sequences (a rank's local sequences keep their order: it sets how
+    dacp_attention slices them over the ring steps)."""
+    return tuple(sorted(tuple(sorted((tuple(sorted(mb.distributed)), tuple(sorted(tuple(loc) for loc in mb.local)))
+                                     for mb in mbs)) for mbs in plan))
+
+
+def distinct_policies(plans):
+    """-> ({policy: the first policy with its plans on every step}, the policies to run). E.g. naive and
+    dacp without CP: their measured times would differ by noise only."""
+    same, runs = {}, []
+    for p, steps in plans.items():
+        key = tuple(plan_key(plan) for plan in steps)
+        first = next((q for q in runs if tuple(plan_key(plan) for plan in plans[q]) == key), None)
+        same[p] = first or p
+        if first is None:
+            runs.append(p)
+    return same, runs
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="profile_cpu.json", help="made by `python calibrate.py` if missing")
+    ap.add_argument("--iters", type=int, default=6, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the timing")
+    ap.add_argument("--reps", type=int, default=3, help="runs per policy and cell, interleaved")
+    ap.add_argument("--batch_size", type=int, default=16, help="sequences per DP rank per step")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--seed", type=int, default=1337)
+    args = ap.parse_args(argv)
+    args.policies = args.policies.split(",")
+    bad = [p for p in args.policies if p not in POLICIES]
+    if bad or args.iters <= args.warmup or args.reps < 1 or args.batch_size < 1:
+        raise SystemExit(f"python -m bench.e2e: need known policies ({', '.join(POLICIES)}; got {', '.join(bad) or 'ok'}), "
+                         f"iters > warmup, reps >= 1, batch_size >= 1")
+    return args
+
+
+def run_cell(args, cost, shape, data, ds, dp, cp, max_len, tmp, loads, label):
+    """One (data set, layout) cell: every policy's plans and predicted step times, then the distinct
+    policies run rep after rep in a rotated order. -> (predicted, measured, same), measured being per
+    policy an array (reps, timed steps) of seconds."""
+    from data.prepare import global_batch, heldout_split
+    steps = range(args.warmup, args.iters)
+    # the global batches train.py draws (its training split: nothing is held out, eval_fraction=0)
+    train_ids, _ = heldout_split(len(ds), 0.0, args.seed)
+    batches = [[int(ds.lengths[i]) for i in train_ids[global_batch(len(train_ids), dp * args.batch_size, it, args.seed)]]
+               for it in range(args.iters)]
+    plans = {p: [schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost, seed=args.seed + it)
+                 for it, b in enumerate(batches)] for p in args.policies}
+    pred = {p: np.array([cost.predict_step_time(plans[p][it], batches[it]) for it in steps]) for p in args.policies}
+    same, runs = distinct_policies(plans)
+    meas = {p: [] for p in runs}  # per rep: the timed steps' seconds
+    for rep in range(args.reps):
+        for p in runs[rep % len(runs):] + runs[:rep % len(runs)]:  # each rep in a rotated order
+            loads.append(load_average())
+            m = train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
+                dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
+                max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile,
+                eval_fraction=0.0))
+            meas[p].append(np.array([r["dt_ms"] / 1e3 for r in m[args.warmup:]]))
+        print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in runs), flush=True)
+    return pred, {p: np.array(meas[same[p]]) for p in args.policies}, same
+
+
+def print_steps(args, cells, n_steps, elapsed, loads, prof_meta):
+    print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {n_steps} timed steps x {args.reps} interleaved runs "
+          f"per policy and cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel "
+          f"with {args.profile}; a step's measured time is its median over the runs")
+    pl = prof_meta.get("load")
+    print(f"{elapsed:.0f} s; machine load (1-minute average) at the runs' starts {min(loads):.1f}-{max(loads):.1f}, "
+          f"at the profile ({prof_meta.get('taken', '?')}) " + (f"{pl[0]:.1f}-{pl[1]:.1f}" if pl else "not recorded"))
+    print("\nper step (ms, median over the timed steps of the per-step values) and per-step error |pred/meas - 1|:")
+    print("| data | dp x cp | policy | measured ms/step | spread over runs | predicted ms/step | median per-step error |")
+    print("|---|---|---|---|---|---|---|")
+    all_err = []
+    for label, dp, cp, pred, meas, same in cells:
+        for p in args.policies:
+            per_step = np.median(meas[p], axis=0)
+            err = np.abs(pred[p] / per_step - 1)
+            if same[p] == p:  # a policy with another's plans adds nothing new
+                all_err += list(err)
+            run_tot = meas[p].sum(axis=1) / n_steps
+            print(f"| {label} | {dp}x{cp} | {p}{'' if same[p] == p else f' (= {same[p]})'} | {np.median(per_step) * 1e3:.1f} | {run_tot.min() * 1e3:.1f}-{run_tot.max() * 1e3:.1f} "
+                  f"| {np.median(pred[p]) * 1e3:.1f} | {np.median(err) * 100:.0f}% |")
+    print(f"median absolute per-step error over every step, policy and cell: {np.median(all_err) * 100:.1f}% "
+          f"(mean {np.mean(all_err) * 100:.1f}%, max {np.max(all_err) * 100:.0f}%)")
+
+
+def print_speedups(policies, cells):
+    pairs = [(a, b) for a, b in (("skrull_plus", "skrull"), ("skrull_plus", "naive"), ("skrull", "naive"),
+                                 ("skrull_plus", "sorted"), ("skrull_plus", "dacp")) if a in policies and b in policies]
+    print("\nspeedups (time of the second policy / time of the first, summed over the timed steps); spread = min-max over "
+          "the runs paired by rep:")
+    print("| data | dp x cp | " + " | ".join(f"{a} vs {b}: measured (spread) / predicted" for a, b in pairs) + " |")
+    print("|---|---|" + "---|" * len(pairs))
+    worst = 0.0
+    for label, dp, cp, pred, meas, same in cells:
+        out = []
+        for a, b in pairs:
+            if same[a] == same[b]:
+                out.append("same plans")
+                continue
+            tot = {p: np.median(meas[p], axis=0).sum() for p in (a, b)}
+            m_ratio, p_ratio = tot[b] / tot[a], pred[b].sum() / pred[a].sum()
+            reps = meas[b].sum(axis=1) / meas[a].sum(axis=1)
+            worst = max(worst, abs(p_ratio / m_ratio - 1))
+            out.append(f"{m_ratio:.2f}x ({reps.min():.2f}-{reps.max():.2f}) / {p_ratio:.2f}x")
+        print(f"| {label} | {dp}x{cp} | " + " | ".join(out) + " |")
+    print(f"largest gap between a predicted and a measured speedup: {worst * 100:.0f}%")
+
+
+def main(argv=None):
+    from data.prepare import load_dataset
+    from data.synthetic import make_synthetic
+    args = parse_args(argv)
+    if not os.path.exists(args.profile):
+        import calibrate
+        print(f"{args.profile} not found: profiling this machine first", flush=True)
+        calibrate.main(["--out", args.profile])
+    cost = CostModel.from_profile(None, args.profile)
+    with open(args.profile) as f:
+        prof_meta = json.load(f)
+    t_start, loads, cells = time.time(), [], []
+    tmp = tempfile.mkdtemp(prefix="skrull_e2e_")  # kept: run logs for inspection
+    for label, shape, max_len in SETS:
+        data = make_synthetic(os.path.join(tmp, shape), dist=shape, n=2000, max_len=max_len, seed=0, verbose=False)
+        ds = load_dataset(data)
+        for dp, cp in LAYOUTS:
+            cells.append((label, dp, cp, *run_cell(args, cost, shape, data, ds, dp, cp, max_len, tmp, loads, label)))
+    print_steps(args, cells, args.iters - args.warmup, time.time() - t_start, loads, prof_meta)
+    print_speedups(args.policies, cells)
+
+
+if __name__ == "__main__":
+    main()
