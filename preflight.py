@@ -28,12 +28,13 @@ def validate_config(config, world_size, ddp):
     """Check train.py's `config` (its values as given) for a run of `world_size` ranks (ddp: under torchrun).
     Returns the checkpoint's metadata when resuming (its header only), else None."""
     c = SimpleNamespace(**config)
-    _check_values(c, world_size, ddp)
+    _check_numbers(c)
+    _check_choices(c, world_size, ddp)
     _check_paths(c)
     return _check_out_dir(c, world_size // c.cp)
 
 
-def _check_values(c, world_size, ddp):
+def _check_numbers(c):
     for k in ("batch_size", "log_interval", "cp", "synthetic_n", "eval_batches"):
         if getattr(c, k) < 1:
             fail(f"{k}={getattr(c, k)}: must be >= 1")
@@ -53,6 +54,9 @@ def _check_values(c, world_size, ddp):
             fail(f"{k}={getattr(c, k)!r}: expected a path")
     if not 0.0 <= c.eval_fraction < 1.0:
         fail(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
+
+
+def _check_choices(c, world_size, ddp):
     if c.lora_rank:
         from lora import parse_targets
         if c.lora_alpha <= 0:
