@@ -14,41 +14,15 @@ then writes the model only, and sample.py reads the tokenizer from the prepared 
 Only the files named above are (over)written; nothing else in out_dir/hf is touched.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
 
-import torch
-
-from model import ModelConfig, Transformer
+from checkpoint import dataset_meta, load_model
 
 # what a Qwen checkpoint ships for its tokenizer; copied when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
-
-
-def load_checkpoint_model(out_dir, device="cpu"):
-    """out_dir/ckpt.safetensors (written by train.py) -> (Transformer with its LoRA adapters if any, metadata
-    dict with "config" (train.py's config) and "dataset" parsed). Errors are one-line ValueErrors."""
-    from safetensors import safe_open
-    path = os.path.join(out_dir, "ckpt.safetensors")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no checkpoint (train with checkpoint_interval > 0 to write one)")
-    with safe_open(path, "pt", device=device) as f:
-        meta = f.metadata() or {}
-        if "model_config" not in meta:
-            raise ValueError(f"{path}: not a train.py checkpoint (no model_config in its metadata)")
-        config = json.loads(meta["config"])
-        model = Transformer(ModelConfig(**json.loads(meta["model_config"])))
-        if config.get("lora_rank"):
-            from lora import apply_lora
-            apply_lora(model, config["lora_rank"], config["lora_alpha"], config["lora_targets"])
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(f.get_tensor(f"model.{name}"))
-    model.eval()
-    return model, {**meta, "config": config}
 
 
 def export_hf(model, out_dir, tokenizer=None, base_model=None):
@@ -77,12 +51,8 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True, help="a train.py out_dir holding ckpt.safetensors")
     args = p.parse_args(argv)
     try:
-        model, meta = load_checkpoint_model(args.out_dir)
-        tokenizer = None
-        meta_file = os.path.join(meta.get("dataset", ""), "meta.json")
-        if os.path.isfile(meta_file):
-            with open(meta_file) as f:
-                tokenizer = json.load(f).get("tokenizer")
+        model, meta = load_model(args.out_dir)
+        tokenizer = (dataset_meta(meta) or {}).get("tokenizer")
         for path in export_hf(model, args.out_dir, tokenizer=tokenizer, base_model=meta["config"].get("init_from")):
             print(f"exported {path}")
     except (ValueError, OSError) as e:

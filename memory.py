@@ -12,6 +12,7 @@ Memory of one rank, measured on the model itself: does a configuration fit, and 
     static        parameters, gradients and AdamW state a rank holds, counted from the parameter shapes
                   with FSDP2's own dim-0 sharding, plus the unsharded working set the step needs.
     bucket_size   (usable device memory - static - beta) / alpha: the BucketSize C the scheduler plans with.
+    StateMeter    the static part measured from a real run's tensors over its first step, to check it.
 
 Only the memory the autograd graph and the training state hold is modelled. What it leaves out, so a
 real run peaks above the prediction: the allocator's fragmentation, NCCL buffers and the CUDA context
@@ -130,10 +131,10 @@ def static_bytes(config, world=1, fsdp=False, param_bytes=4):
     """Parameters, gradients and AdamW state on the most loaded rank, as a dict of
         persistent  what stays from one step to the next: fp32 parameters, fp32 gradients, AdamW's two
                     fp32 moments (16 bytes per parameter), sharded over `world` ranks under FSDP2;
-        working    the unsharded set one step adds. FSDP2 (train.py keeps it for the whole step, so that
-                    DP ranks with different micro-batch counts issue the same collectives): the gathered
-                    parameters in the compute dtype (`param_bytes`: 2 for bf16) and the gradients they
-                    accumulate in fp32. Without FSDP: the flat fp32 buffer of the gradient all-reduce.
+        working     the unsharded set one step adds. FSDP2 (kept for the whole step: parallelize.py says
+                    why): the gathered parameters in the compute dtype (`param_bytes`: 2 for bf16) and the
+                    gradients they accumulate in fp32. Without FSDP: the flat fp32 buffer of the gradient
+                    all-reduce.
         peak        persistent + working.
     param_bytes=4 is the CPU/fp32 case (no mixed precision)."""
     model = meta_model(config, torch.float32)
@@ -177,45 +178,43 @@ def state_bytes(tensors):
     return sum(seen.values())
 
 
-def dry_run(plans, lengths_list, cp, mem, cost, out=print):
-    """Each rank's predicted memory and step time over some planned global batches, against the device.
-    plans[i] is scheduler.schedule()'s plan for the global batch of lengths lengths_list[i].
-    Returns the exit code: 0 when every rank fits, 1 (after naming the worst rank and its excess) if not."""
-    dp = len(plans[0])
-    world = dp * cp
-    usable = USABLE * mem.device_memory
-    peak_tokens, step_time = [0] * world, [0.0] * world
-    for plan, lengths in zip(plans, lengths_list):
-        for d, mbs in enumerate(plan):
-            t = cost.dp_rank_time(mbs, lengths) + cost.t_step(world)  # CP peers wait for each other at the ring
-            for c in range(cp):
-                r = d * cp + c
-                peak_tokens[r] = max([peak_tokens[r]] + [mb.rank_tokens(lengths)[c] for mb in mbs])
-                step_time[r] = max(step_time[r], t)
-    static = mem.static["peak"]
-    out(f"per rank: static = parameters, gradients, AdamW state + working set; activations = beta + alpha x peak tokens "
-        f"(alpha {mem.alpha / 2**10:,.1f} KiB/token, beta {mem.beta / 2**30:.2f} GiB); "
-        f"usable {USABLE:.0%} of {mem.device_memory / 1e9:.0f} GB = {usable / 2**30:.1f} GiB")
-    out(f"{'rank':>5} {'dp':>3} {'cp':>3} {'static GiB':>10} {'peak tok':>9} {'activ GiB':>9} {'total GiB':>9} {'step s':>8}  fits")
-    over = []
-    for r in range(world):
-        act = mem.beta + mem.alpha * peak_tokens[r]
-        total = static + act
-        fits = total <= usable
-        if not fits:
-            over.append((total - usable, r))
-        out(f"{r:>5} {r // cp:>3} {r % cp:>3} {static / 2**30:>10.2f} {peak_tokens[r]:>9} {act / 2**30:>9.2f} "
-            f"{total / 2**30:>9.2f} {step_time[r]:>8.2f}  {'yes' if fits else 'NO'}")
-    if over:
-        excess, r = max(over)
-        out(f"does not fit: rank {r} (dp {r // cp}, cp {r % cp}) needs {(static + mem.beta + mem.alpha * peak_tokens[r]) / 2**30:.2f} GiB, "
-            f"{excess / 2**30:.2f} GiB over the usable {usable / 2**30:.1f} GiB ({len(over)} of {world} ranks over); "
-            f"lower bucket_size (the memory model's: {mem.bucket_size})"
-            + (" or recompute more (activation_checkpoint)" if mem.recompute != "full" else ""))
-        return 1
-    out(f"fits: every rank within the usable {usable / 2**30:.1f} GiB (largest total "
-        f"{(static + mem.beta + mem.alpha * max(peak_tokens)) / 2**30:.2f} GiB)")
-    return 0
+class StateMeter:
+    """Measures what the memory model predicts as static["persistent"] and static["peak"]: the bytes of
+    parameters, gradients and AdamW state this rank holds between steps, and the most it holds within a
+    step. Counted from the tensors themselves over one step (train.py: the first), so the prediction is
+    checked on every run (metrics.jsonl: state_bytes_per_rank, peak_state_bytes_per_rank)."""
+
+    def __init__(self, model, params, optimizer):
+        self.model, self.params, self.optimizer = model, list(params), optimizer  # params: the sharded ones
+        self.held = None  # the most bytes seen within the step being measured; None: not measuring
+
+    def bytes(self, *extra, optim=True):
+        """Held now: the sharded parameters, whatever the modules hold now (the gathered parameters inside
+        an FSDP2 step), all their gradients, `extra`, and (optim=True) the optimizer state."""
+        params = [*self.params, *self.model.parameters()]
+        states = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)] if optim else []
+        return state_bytes([*params, *(p.grad for p in params), *extra, *states])
+
+    def start(self):
+        self.held = 0
+
+    def sample(self, *extra):
+        """Within the measured step, before its optimizer step (a no-op when not measuring)."""
+        if self.held is not None:
+            self.held = max(self.held, self.bytes(*extra, optim=False))
+
+    def finish(self, world_size, device):
+        """After the measured step's optimizer step, on every rank (a collective): the max over ranks of
+        {"state_bytes_per_rank": what persists to the next step, "peak_state_bytes_per_rank": the most
+        held within it}. AdamW's state is created by the first step: it is added to what was held inside."""
+        after = self.bytes()
+        optim_bytes = after - self.bytes(optim=False)
+        b = torch.tensor([after, max(self.held + optim_bytes, after)], dtype=torch.int64, device=device)
+        if world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(b, op=dist.ReduceOp.MAX)
+        self.held = None
+        return {"state_bytes_per_rank": int(b[0]), "peak_state_bytes_per_rank": int(b[1])}
 
 
 if __name__ == "__main__":  # python memory.py [world] [device GB]: the README's memory table

@@ -18,7 +18,6 @@ key-value retrieval): the run's own held-out split (eval_fraction, seed), so non
 decoding; a sample counts as correct when the generated answer equals data.synthetic.solve(prompt) exactly.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -66,14 +65,11 @@ def load(args):
     """-> (model, tokenizer, dataset dir or None, train config or None, dataset meta or {})."""
     from data.prepare import get_tokenizer
     if args.out_dir:
-        from export import load_checkpoint_model
-        model, meta = load_checkpoint_model(args.out_dir, args.device)
-        dataset = meta.get("dataset")
-        meta_file = os.path.join(dataset or "", "meta.json")
-        if not os.path.isfile(meta_file):
+        from checkpoint import dataset_meta, load_model
+        model, meta = load_model(args.out_dir)
+        dataset, ds_meta = meta.get("dataset"), dataset_meta(meta)
+        if ds_meta is None:
             raise ValueError(f"{args.out_dir} was trained on {dataset}, which is gone (its meta.json names the tokenizer)")
-        with open(meta_file) as f:
-            ds_meta = json.load(f)
         tok = get_tokenizer(args.tokenizer or ds_meta["tokenizer"])
         config = meta["config"]
     else:

@@ -16,9 +16,9 @@ cp = 16  # 32 ranks = dp 2 x cp 16
 schedule = "skrull"
 fsdp = True
 # The paper's 7B ran with selective recompute at C = 13K on DeepSpeed ZeRO-2. Here FSDP2 keeps the gathered
-# bf16 parameters and their fp32 gradients through the step (train.parallelize), 46 GiB per rank for 7B,
+# bf16 parameters and their fp32 gradients through the step (parallelize.py), 46 GiB per rank for 7B,
 # which leaves selective recompute about 5.8K tokens; full recompute (the ring is still never re-run)
-# leaves about 21.7K. README "Memory" has the table; the dry run prints the numbers for this exact setup.
+# leaves about 21.7K. docs/memory.md has the table; the dry run prints the numbers for this exact setup.
 activation_checkpoint = "full"
 bucket_size = 0  # 0 -> the memory model's BucketSize for this model, world, fsdp and checkpoint mode
 batch_size = 40  # paper: BatchSize = 40 for 7B on ChatQA2

@@ -3,6 +3,7 @@ Tests of memory.py and the activation checkpoint modes of model.Block, no proces
 - the bytes kept for the backward, counted by memory.saved_bytes, agree with PyTorch's own MemTracker
   on real CPU tensors, and the meta device (what the memory model runs on) counts the same;
 - the three checkpoint modes give the same gradients (cp=1 here; cp=2 and FSDP in test_train.py);
+- StateMeter measures, on a real step, the state the memory model predicts;
 - the dry run exits 0 when every rank fits and 1, naming the rank, when one does not.
 """
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from memory import _FlashLikeAttention, meta_model, saved_bytes, static_bytes
+from memory import MemoryModel, StateMeter, _FlashLikeAttention, meta_model, saved_bytes, static_bytes
 from model import PRESETS, Transformer
 
 MODES = ("none", "full", "selective")
@@ -73,6 +74,39 @@ def test_static_bytes_shards():
     assert s1["n_params"] == model.num_params() and s1["persistent"] == 16 * model.num_params()
     assert s4["persistent"] == 16 * sum(-(-p.shape[0] // 4) * p[0].numel() for p in model.parameters())
     assert s4["working"] == 8 * model.num_params()  # CPU fp32: gathered parameters + their gradients
+
+
+def test_state_meter_measures_the_predicted_state():
+    """One process, no FSDP: 16 bytes per parameter between steps (fp32 weights, gradients, two AdamW
+    moments) plus AdamW's step counter per tensor; within the step no more than that."""
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    meter = StateMeter(model, model.parameters(), optimizer)
+    meter.start()
+    idx = torch.randint(0, 264, (1, 64))
+    _, loss = model(idx, idx)
+    meter.sample()
+    loss.backward()
+    meter.sample()
+    optimizer.step()
+    state = meter.finish(1, "cpu")
+    n_tensors = len(list(model.parameters()))
+    assert state["state_bytes_per_rank"] == static_bytes(PRESETS["tiny"])["persistent"] + 4 * n_tensors
+    assert state["peak_state_bytes_per_rank"] == state["state_bytes_per_rank"]
+
+
+def test_dry_run_in_process():
+    from preflight import dry_run
+    from scheduler import CostModel
+    lengths = [[300, 40, 700, 90], [512, 512, 60, 20]]
+    for device_memory, rc, words in [(80e9, 0, "fits: every rank"), (1e7, 1, "does not fit: rank ")]:
+        mem = MemoryModel(PRESETS["tiny"], world=4, recompute="selective", device_memory=device_memory)
+        lines = []
+        assert dry_run(lengths, dp=2, cp=2, bucket_size=512, policy="skrull", seed=0, cost=CostModel(PRESETS["tiny"], memory=mem),
+                       mem=mem, model_name="tiny", dataset="lengths", out=lines.append) == rc
+        assert lines[0].startswith("dry run: tiny") and "world 4 = dp 2 x cp 2" in lines[0] and words in lines[-1]
+        assert sum(line.endswith(("yes", "NO")) for line in lines) == 4  # one row per rank
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,8 @@ def test_loss_falls_and_metrics_and_export(tmp_path, dataset):
 
     # the export: transformers' Qwen2ForCausalLM reads out_dir/hf and computes our model's logits
     transformers = pytest.importorskip("transformers")
-    from export import load_checkpoint_model
-    ours, meta = load_checkpoint_model(str(run))
+    from checkpoint import load_model
+    ours, meta = load_model(str(run))
     assert meta["iter"] == "12"
     hf = transformers.Qwen2ForCausalLM.from_pretrained(run / "hf", attn_implementation="eager", dtype=torch.float32)
     idx = torch.randint(0, 264, (2, 40))
@@ -283,8 +283,8 @@ def test_lora_equivalence_and_peft(tmp_path, dataset):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{f} {k}: {m}")
 
-    from export import load_checkpoint_model
-    ours, _ = load_checkpoint_model(str(tmp_path / "ref"))
+    from checkpoint import load_model
+    ours, _ = load_model(str(tmp_path / "ref"))
     idx = torch.randint(0, 264, (2, 40))
     with torch.no_grad():
         logits = ours(idx)[0]

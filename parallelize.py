@@ -1,0 +1,94 @@
+"""
+Parallelism applied from outside the model, as torchtitan's parallelize.py does: activation checkpointing,
+FSDP2 over all dp x cp ranks, and the collectives train.py issues once per step.
+
+The collective invariant: every rank must issue the same collectives in the same order, yet Skrull gives
+DP ranks different numbers of micro-batches and may leave a CP rank with nothing in a micro-batch. So
+FSDP2 runs ZeRO-2-like here: every rank gathers all parameters once per step (unshard_all), accumulates
+unsharded gradients through its micro-batches without communicating, and reduce-scatters once, in the
+backward of its last micro-batch, which every rank runs (empty_microbatch if it holds no tokens there).
+Without FSDP2 the step's one collective is all_reduce_grads. docs/memory.md has what this costs.
+"""
+import hashlib
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from preflight import fail
+
+
+def parallelize(model, *, fsdp, recompute, device, compute_dtype=None):
+    """Set every block's activation checkpointing (`recompute`: none | full | selective), move the model to
+    `device` and, with fsdp, shard each block and then the rest (embeddings, final norm, lm_head) over the
+    default mesh, i.e. all ranks. compute_dtype: FSDP2 gathers parameters in it and reduce-scatters fp32
+    gradients (None: the parameters' own dtype). With LoRA, FSDP2 shards and gathers the frozen weights
+    too, but only the adapters get gradients, so only they are reduce-scattered and get optimizer state."""
+    for block in model.layers:
+        block.recompute = recompute
+    model.to(device)
+    if not fsdp:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=False)
+    return fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+
+
+def unshard_all(model):
+    """Gather every FSDP2 group's parameters: once per step, on every rank."""
+    for m in [*model.layers, model]:
+        m.unshard()
+
+
+def reshard_all(model):
+    for m in [*model.layers, model]:
+        m.reshard()
+
+
+def empty_microbatch(device):
+    """A micro-batch without tokens, (x, y, positions, attention function): the last micro-batch of a rank
+    that holds nothing there, still run under FSDP2 because the step's reduce-scatters happen in its backward."""
+    from context_parallel import AttnPlan, attention
+    none = torch.zeros((1, 0), dtype=torch.long, device=device)
+    return none, none, none, partial(attention, plan=AttnPlan(None, [0], device))
+
+
+def all_reduce_grads(params, world_size, meter=None):
+    """Sum the gradients of `params` over all DP x CP ranks: every rank's loss is already divided by the
+    global target count, so the sum is the full-batch gradient. One flat buffer, one call. (Under FSDP2 the
+    same sum is the reduce-scatter inside the last backward.) meter: a memory.StateMeter, which counts the
+    flat buffer while it exists."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if world_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if meter is not None:
+            meter.sample(flat)
+        dist.all_reduce(flat)
+        grads = list(torch.split(flat, [g.numel() for g in grads]))
+    for p, g in zip(params, grads):
+        p.grad = g.view_as(p)
+
+
+def check_ranks_agree(it, idx, lengths, plan, world_size, device):
+    """Every rank computes the global batch and the plan on its own (no communication), so they must come
+    out the same everywhere: if one node read a different dataset, profile JSON or numpy version, CP peers
+    would exchange mismatched buffers (a hang, or silently wrong gradients). One all-gather of two 64-bit
+    digests per step, called by every rank, catches it; on a mismatch every rank stops here."""
+    if world_size == 1:
+        return
+
+    def digest(obj):
+        return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
+    mine = torch.tensor([digest((idx.tolist(), lengths)), digest([[(mb.distributed, mb.local) for mb in mbs] for mbs in plan])],
+                        dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()
+    for col, what in ((0, "global batch (sample indices and lengths): is every rank reading the same dataset?"),
+                      (1, "plan: do all ranks use the same --profile file, code and numpy version?")):
+        odd = [r for r in range(world_size) if every[r, col] != every[0, col]]
+        if odd:
+            fail(f"iter {it + 1}: ranks {odd} disagree with rank 0 on the {what} Stopping every rank before "
+                 f"mismatched data is exchanged")
