@@ -42,12 +42,15 @@ def free_port():
     return _free_port
 
 
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
+def make_dataset(path):
     """64 bimodal (ChatQA2-shaped) byte-token samples of at most 512 tokens: the training tests' data."""
     from data.synthetic import make_synthetic
-    return make_synthetic(str(tmp_path_factory.mktemp("data") / "syn"), dist="chatqa2", n=64, max_len=512, seed=0,
-                          verbose=False)
+    return make_synthetic(str(path), dist="chatqa2", n=64, max_len=512, seed=0, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "syn")
 
 
 def command(out_dir, dataset, nproc=1, script="train.py", configs=(), **overrides):
@@ -75,3 +78,37 @@ def train(out_dir, dataset, nproc=1, configs=(), **overrides):
     r = run(cmd)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def train_all(*jobs):
+    """Several train.py runs at once, as many as the cores take (a torchrun job counts its ranks): each job is
+    (out_dir, dataset, overrides). Returns their metrics.jsonl records, in order. Independent runs of a test
+    side by side: on 2 cores two one-process runs take about the time of one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cores = os.cpu_count() or 1
+    pending, running, done = list(enumerate(jobs)), [], {}
+    while pending or running:
+        busy = sum(nproc for _, nproc, _, _ in running)
+        if pending and (not running or busy + pending[0][1][2].get("nproc", 1) <= cores + 1):
+            i, (out_dir, data, overrides) = pending.pop(0)
+            cmd = command(out_dir, data, **overrides)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            running.append((i, overrides.get("nproc", 1), cmd, proc))
+            continue
+        i, _, cmd, proc = running.pop(0)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}"
+        done[i] = [json.loads(line) for line in open(os.path.join(jobs[i][0], "metrics.jsonl"))]
+    return [done[i] for i in range(len(jobs))]
+
+
+def assert_golden(name, records):
+    """The losses and eval losses of `records` equal those pinned in tests/golden/losses.json for `name`."""
+    import torch
+    from golden.make_golden import golden_losses, losses_of
+    want, got = golden_losses(name), losses_of(records)
+    assert [e is None for e in got["eval_loss"]] == [e is None for e in want["eval_loss"]], (got, want)
+    for key in ("loss", "eval_loss"):
+        pairs = [(g, w) for g, w in zip(got[key], want[key]) if w is not None]
+        torch.testing.assert_close(torch.tensor([g for g, _ in pairs]), torch.tensor([w for _, w in pairs]),
+                                   rtol=1e-5, atol=2e-6, msg=lambda m: f"{name} {key}: {m}")

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import scheduler
-from conftest import ROOT, command, run, train
+from safetensors import safe_open
+
+from conftest import ROOT, train_all
 
 
 def readme_policy(tmp_path):
@@ -42,12 +44,11 @@ def test_readme_policy_makes_valid_plans(tmp_path):
 def test_readme_policy_trains_like_naive(tmp_path, dataset):
     path, name = readme_policy(tmp_path)
     scheduler.POLICIES.pop(name, None)
-    cmd = command(tmp_path / "mine", dataset, nproc=2, configs=[path], cp=2, max_iters=2)
-    r = run(cmd)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    assert f"schedule {name} |" in r.stdout  # the run used the policy the file registered
-    mine = [json.loads(line) for line in open(tmp_path / "mine" / "metrics.jsonl")]
-    naive = train(tmp_path / "naive", dataset, schedule="naive", max_iters=2)
+    mine, naive = train_all((tmp_path / "mine", dataset, dict(nproc=2, configs=[path], cp=2, max_iters=2,
+                                                              checkpoint_interval=2)),
+                            (tmp_path / "naive", dataset, dict(schedule="naive", max_iters=2)))
+    with safe_open(str(tmp_path / "mine" / "ckpt.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["schedule"] == name  # the run used the policy the file registered
     assert [m["tokens"] for m in mine] == [m["tokens"] for m in naive]  # the same global batches
     torch.testing.assert_close(torch.tensor([m["loss"] for m in mine]), torch.tensor([m["loss"] for m in naive]),
                                rtol=1e-5, atol=1e-6)

@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, train
+from conftest import ROOT, assert_golden, train, train_all
+from golden.make_golden import EVAL, TEST_RUNS
 
 pytestmark = pytest.mark.slow  # every test here runs train.py
 
 
-# held-out eval on a quarter of the 64 samples, 2 global batches, after every 2 steps: the equivalence
+# EVAL: held-out eval on a quarter of the 64 samples, 2 global batches, after every 2 steps: the equivalence
 # tests below compare eval losses too
-EVAL = dict(eval_fraction=0.25, eval_interval=2, eval_batches=2)
 
 
 def grads(out_dir):
@@ -92,17 +92,18 @@ def test_loss_falls_and_metrics_and_export(tmp_path, dataset):
 
 
 def test_resume_is_exact(tmp_path, dataset):
-    full = train(tmp_path / "full", dataset, max_iters=6, **EVAL)
     part = tmp_path / "part"
-    train(part, dataset, max_iters=3, checkpoint_interval=3, **EVAL)
+    full, _ = train_all((tmp_path / "full", dataset, dict(max_iters=6, **EVAL)),
+                        (part, dataset, dict(max_iters=3, checkpoint_interval=3, **EVAL)))
     assert os.path.exists(part / "ckpt.safetensors") and not os.path.exists(part / "ckpt.safetensors.tmp")
     shutil.copytree(part, tmp_path / "part2")
-    resumed = train(part, dataset, max_iters=6, init_from="resume", **EVAL)
+    # the second: cp and schedule change who computes what, never what is computed: a resume may change them
+    resumed, other = train_all((part, dataset, dict(max_iters=6, init_from="resume", **EVAL)),
+                               (tmp_path / "part2", dataset, dict(nproc=2, cp=2, schedule="naive", max_iters=6,
+                                                                  init_from="resume", **EVAL)))
     assert [r["iter"] for r in resumed] == list(range(1, 7))  # history kept, no duplicates
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bitwise: same data order, same state
     assert [r.get("eval_loss") for r in resumed[3:]] == [r.get("eval_loss") for r in full[3:]]
-    # cp and schedule change who computes what, never what is computed: a resume may change them
-    other = train(tmp_path / "part2", dataset, nproc=2, cp=2, schedule="naive", max_iters=6, init_from="resume", **EVAL)
     assert_same_run(full, other, extra_evals_in_b=True)
 
 
@@ -120,16 +121,18 @@ def test_resume_on_cuda(tmp_path, dataset):
 
 def test_split_and_policy_invariance(tmp_path, dataset):
     """One process: the micro-batch split (bucket size) and the policy change nothing but the plan."""
-    base = train(tmp_path / "a", dataset, schedule="naive", batch_size=16, bucket_size=8192, dump_grads=True, **EVAL)
-    for i, (policy, bucket) in enumerate([("skrull", 512), ("skrull_plus", 512), ("sorted", 512), ("naive", 600)]):
-        other = train(tmp_path / f"b{i}", dataset, schedule=policy, batch_size=16, bucket_size=bucket, dump_grads=True, **EVAL)
-        assert_same_run(base, other, grads(tmp_path / "a"), grads(tmp_path / f"b{i}"))
+    cases = [("naive", 8192), ("skrull", 512), ("skrull_plus", 512), ("sorted", 512), ("naive", 600)]
+    runs = train_all(*[(tmp_path / f"b{i}", dataset, dict(schedule=policy, batch_size=16, bucket_size=bucket,
+                                                            dump_grads=True, **EVAL)) for i, (policy, bucket) in enumerate(cases)])
+    for i, other in enumerate(runs[1:], 1):
+        assert_same_run(runs[0], other, grads(tmp_path / "b0"), grads(tmp_path / f"b{i}"))
     assert max(r["n_microbatches"] for r in other) > 1  # the small bucket really split the batch
 
 
 def test_dp_policy_equivalence(tmp_path, dataset):
     """dp=2 x cp=1: naive, skrull and skrull_plus (both move sequences between DP ranks) give the same run."""
-    a = train(tmp_path / "naive", dataset, nproc=2, schedule="naive", dump_grads=True, **EVAL)
+    a = train(tmp_path / "naive", dataset, **TEST_RUNS["dp2_naive"])
+    assert_golden("dp2_naive", a)  # and the same losses as before any refactoring (tests/golden)
     for policy in ("skrull", "skrull_plus"):
         b = train(tmp_path / policy, dataset, nproc=2, schedule=policy, dump_grads=True, **EVAL)
         assert_same_run(a, b, grads(tmp_path / "naive"), grads(tmp_path / policy))
@@ -138,18 +141,23 @@ def test_dp_policy_equivalence(tmp_path, dataset):
 def test_cp_equivalence(tmp_path, dataset):
     """cp = 1, 2, 4 (dp=1) under skrull, skrull_plus and naive: ring attention + DACP reproduce single-process
     training."""
-    ref = train(tmp_path / "cp1", dataset, schedule="skrull", batch_size=8, bucket_size=2048, dump_grads=True, **EVAL)
-    for cp, policy in [(2, "skrull"), (2, "skrull_plus"), (2, "naive"), (4, "skrull_plus")]:
-        d = tmp_path / f"cp{cp}_{policy}"
-        m = train(d, dataset, nproc=cp, cp=cp, schedule=policy, batch_size=8, bucket_size=2048 // cp, dump_grads=True, **EVAL)
-        assert_same_run(ref, m, grads(tmp_path / "cp1"), grads(d))
+    cases = [(1, "skrull"), (2, "skrull"), (2, "skrull_plus"), (2, "naive"), (4, "skrull_plus")]
+    runs = train_all(*[(tmp_path / f"cp{cp}_{policy}", dataset, dict(nproc=cp, cp=cp, schedule=policy, batch_size=8,
+                                                                      bucket_size=2048 // cp, dump_grads=True, **EVAL))
+                       for cp, policy in cases])
+    for (cp, policy), m in zip(cases[1:], runs[1:]):
+        assert_same_run(runs[0], m, grads(tmp_path / "cp1_skrull"), grads(tmp_path / f"cp{cp}_{policy}"))
+    assert TEST_RUNS["cp2_skrull_plus"] == dict(nproc=2, cp=2, schedule="skrull_plus", batch_size=8, bucket_size=1024,
+                                                dump_grads=True, **EVAL)
+    assert_golden("cp2_skrull_plus", runs[2])  # the same losses as before any refactoring (tests/golden)
 
 
 def test_small_bucket_rolls_back(tmp_path, dataset):
     """A deliberately small bucket (160 tokens per rank; the longest sample has 161) forces DACP's
     roll-back on this data; the run stays inside the bucket and still computes the same losses."""
-    ref = train(tmp_path / "ref", dataset, batch_size=8, bucket_size=2048, max_iters=3, **EVAL)
-    m = train(tmp_path / "rb", dataset, nproc=2, cp=2, schedule="skrull", batch_size=8, bucket_size=160, max_iters=3, **EVAL)
+    ref, m = train_all((tmp_path / "ref", dataset, dict(batch_size=8, bucket_size=2048, max_iters=3, **EVAL)),
+                       (tmp_path / "rb", dataset, dict(nproc=2, cp=2, schedule="skrull", batch_size=8, bucket_size=160,
+                                                       max_iters=3, **EVAL)))
     assert all(r["peak_tokens_per_rank"] <= 160 for r in m)
     assert sum(r["rollbacks"] for r in m) > 0
     assert_same_run(ref, m)
