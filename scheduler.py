@@ -249,7 +249,7 @@ class CostModel:
         return [self.rank_time(share + sum(lengths[k] for k in loc), [lengths[k] for k in loc], ring)
                 for loc in mb.local]
 
-    # --- per sequence estimates (GDS's DP balance, the bound): communication hidden, calls shared ---
+    # --- per sequence estimates (GDS's DP balance, skrull_plus.ideal_step_time): communication hidden, calls shared ---
     def t_local(self, s):
         """One sequence kept whole on a rank: its compute plus its share of the per-call costs."""
         return self.a * self.lin_flops * s + self.a_attn * self.attn_flops * s * s + 2 * self.n_layer * self.b_seq
@@ -292,27 +292,6 @@ class CostModel:
             cp = next((len(mb.local) for mbs in plan for mb in mbs), 1)
             slowest += self.t_step(len(plan) * cp)
         return slowest
-
-    def ideal_step_time(self, lengths, dp, cp, bucket_size, include_step=True):
-        """A lower bound on any plan's step time: the larger of the total work (each sequence in its
-        cheapest form) spread perfectly over dp*cp ranks plus the fixed costs every working rank pays, and
-        a micro-batch holding only the costliest sequence (rank_time only grows with what is added)."""
-        work, longest = 0.0, 0.0
-        for s in lengths:
-            work += min(([self.t_local(s)] if s <= bucket_size else []) + ([cp * self.t_dist(s, cp)] if cp > 1 else []))
-            alone = []  # rank_time of a micro-batch holding only s, local or distributed: whatever else
-            if s <= bucket_size:  # shares its micro-batch only adds to it
-                alone.append(self.rank_time(s, [s]))
-            if cp > 1:
-                ring = self.ring([s], cp)
-                alone.append(self.rank_time(ring.share, [], ring))
-            longest = max(longest, min(alone))
-        # every rank that works pays at least one micro-batch (c_mb) and one attention call per layer and
-        # pass, and the ranks pay one c_mb per C tokens between them
-        mbs_per_rank = sum(lengths) / (dp * cp * bucket_size)
-        fixed = max(1.0, mbs_per_rank) * self.c_mb + 2 * self.n_layer * self.b_call
-        bound = max(work / (dp * cp) + fixed, longest)
-        return bound + (self.t_step(dp * cp) if include_step else 0.0)
 
 
 _DEFAULT_COST = None

@@ -17,10 +17,12 @@ import math
 import os
 import runpy
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
 from scheduler import CONSTANTS, POLICIES, CostModel, MicroBatch, default_cost, padded_len, schedule
+from skrull_plus import ideal_step_time
 
 # -----------------------------------------------------------------------------
 # 1. exact optimum of the cost model, for small instances (MILP)
@@ -40,96 +42,138 @@ def milp(lengths, dp, cp, bucket_size, cost=None, max_mb=None, time_limit=30.0):
     (local) or the ring (distributed). Minimise the slowest DP rank's sum over its micro-batches of the
     micro-batch's slowest CP rank (CostModel.dp_rank_time with sync=True, without t_step).
     Returns (lower bound, plan) or (inf, None) when nothing fits."""
-    from scipy.optimize import Bounds, LinearConstraint, milp as solve
-    from scipy.sparse import coo_matrix
-    c = cost or default_cost()
-    n, N, R, M, L = len(lengths), cp, dp, max_mb or len(lengths), c.n_layer
-    var = {}
-
-    def v(*key):  # one column per named variable, created on first use
-        return var.setdefault(key, len(var))
-    rows, lo, hi = [], [], []
-
-    def add(row, a, b):
-        rows.append(row), lo.append(a), hi.append(b)
-
-    def plus(*terms):  # sum of {column: coefficient} dicts, each scaled: plus((1.0, d1), (2.0, d2))
-        out = {}
-        for k, d in terms:
-            for col, x in d.items():
-                out[col] = out.get(col, 0.0) + k * x
-        return out
-    sp = [padded_len(s, N) for s in lengths]
-    sh = [x // N for x in sp]
-    a_loc = c.a_attn * c.attn_flops / L                     # s per token^2, one layer, fwd+bwd
-    a_lin = c.a * c.lin_flops
-    kv = 2 * c.h_kv / c.p2p_bandwidth                       # s per share token of a hop, per byte width
-    o = c.comm_overlap
-    for i in range(n):
-        row = {v("x", i, r, m, j): 1 for r in range(R) for m in range(M) for j in range(N)}
-        if N > 1:
-            row.update({v("d", i, r, m): 1 for r in range(R) for m in range(M)})
-        add(row, 1, 1)
-    for r in range(R):
-        for m in range(M):
-            Y = v("y", r, m)
-            if m + 1 < M:
-                add({Y: 1, v("y", r, m + 1): -1}, 0, np.inf)  # use slots in order (symmetry breaking)
-            d = {v("d", i, r, m): 1 for i in range(n)} if N > 1 else {}
-            for i in range(n):
-                add({**{v("x", i, r, m, j): 1 for j in range(N)}, **({v("d", i, r, m): 1} if N > 1 else {}),
-                     Y: -1}, -np.inf, 0)
-                if N > 1:
-                    add({v("d", i, r, m): 1, v("z", r, m): -1}, -np.inf, 0)
-            share = {col: sh[i] for i, col in enumerate(d)} if N > 1 else {}
-            # ring terms, linear in the d's (z: anything distributed), seconds per layer
-            block = plus((c.b_call, {v("z", r, m): 1}), (c.b_seq, d)) if N > 1 else {}
-            ring_attn = {v("d", i, r, m): c.a_ring * c.attn_flops / L * sp[i] ** 2 / N ** 2 for i in range(n)} if N > 1 else {}
-            hop = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * c.comm_bytes, share)) if N > 1 else {}
-            hop_grad = plus((c.p2p_latency, {v("z", r, m): 1}), (kv * 4, share)) if N > 1 else {}
-            for j in range(N):
-                x = {v("x", i, r, m, j): 1 for i in range(n)}
-                tok = plus((1, {v("x", i, r, m, j): lengths[i] for i in range(n)}), (1, share))
-                add(tok, -np.inf, bucket_size)
-                if N == 1:  # no ring: one attention call per layer and pass
-                    loc = plus((L * a_loc, {v("x", i, r, m, j): lengths[i] ** 2 for i in range(n)}),
-                               (2 * L * c.b_seq, x), (2 * L * c.b_call, {Y: 1}))
-                    add(plus((c.c_mb, {Y: 1}), (a_lin, tok), (1, loc), (-1, {v("T", r, m): 1})), -np.inf, 0)
-                    continue
-                # one step's compute per pass: the even slice of the local work + the ring block
-                slice_ = plus((a_loc / N, {v("x", i, r, m, j): lengths[i] ** 2 for i in range(n)}))
-                fwd = plus((1 / 3, slice_), (c.b_seq / N, x), (1, block), (1 / 3, ring_attn))
-                bwd = plus((2 / 3, slice_), (c.b_seq / N, x), (1, block), (2 / 3, ring_attn))
-                steps = []
-                for name, comp, comm in (("f", fwd, hop), ("b", bwd, plus((1, hop), (1, hop_grad))), ("bl", bwd, hop_grad)):
-                    u = v("u", name, r, m, j)
-                    add(plus((1, comp), ((1 - o), comm), (-1, {u: 1})), -np.inf, 0)
-                    add(plus((1, comm), ((1 - o), comp), (-1, {u: 1})), -np.inf, 0)
-                    steps.append(u)
-                per_layer = plus(((N - 1), {steps[0]: 1}), (1, fwd), ((N - 1), {steps[1]: 1}), (1, {steps[2]: 1}))
-                add(plus((c.c_mb, {Y: 1}), (a_lin, tok), (L, per_layer), (-1, {v("T", r, m): 1})), -np.inf, 0)
-        add({**{v("T", r, m): 1 for m in range(M)}, v("obj"): -1}, -np.inf, 0)
-    integrality = np.array([1 if k[0] in ("x", "d", "y", "z") else 0 for k in var], dtype=int)
-    obj = np.zeros(len(var))
-    obj[var[("obj",)]] = 1.0
-    r_, c_, x_ = zip(*[(i, col, val) for i, row in enumerate(rows) for col, val in row.items()])
-    A = coo_matrix((x_, (r_, c_)), shape=(len(rows), len(var))).tocsr()
-    res = solve(obj, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
-                bounds=Bounds(np.zeros(len(var)), np.where(integrality == 1, 1.0, np.inf)),
-                options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    program = _PlanProgram(lengths, cp, bucket_size, cost or default_cost())
+    n_slots = max_mb or len(lengths)
+    program.build(dp, n_slots)
+    res = program.solve(time_limit)
     if res.x is None:
         return math.inf, None
-    val = np.round(res.x).astype(int)
-    plan = []
-    for r in range(R):
-        mbs = []
-        for m in range(M):
-            mb = MicroBatch([i for i in range(n) if N > 1 and val[var[("d", i, r, m)]]],
-                            [[i for i in range(n) if val[var[("x", i, r, m, j)]]] for j in range(N)])
-            if mb.distributed or any(mb.local):
-                mbs.append(mb)
-        plan.append(mbs)
-    return float(res.fun), plan
+    return float(res.fun), program.plan(np.round(res.x).astype(int), dp, n_slots)
+
+
+def _plus(*terms):
+    """Sum of {column: coefficient} dicts, each scaled: _plus((1.0, d1), (2.0, d2))."""
+    out = {}
+    for k, d in terms:
+        for col, x in d.items():
+            out[col] = out.get(col, 0.0) + k * x
+    return out
+
+
+class _PlanProgram:
+    """milp's program, built row by row. One column per named variable, created on first use:
+    ("x", i, r, m, j) sequence i local on CP rank j of slot m of DP rank r, ("d", i, r, m) distributed
+    there, ("y", r, m) the slot is used, ("z", r, m) something in it is distributed, ("u", ...) a ring
+    step's time (the epigraph), ("T", r, m) the slot's time, ("obj",) the slowest DP rank's time.
+    Rows are {column: coefficient} dicts between two bounds."""
+
+    def __init__(self, lengths, cp, bucket_size, cost):
+        self.lengths, self.cp, self.bucket_size, self.cost = lengths, cp, bucket_size, cost
+        self.columns, self.rows, self.lo, self.hi = {}, [], [], []
+
+    def v(self, *key):
+        return self.columns.setdefault(key, len(self.columns))
+
+    def add(self, row, lo, hi):
+        self.rows.append(row), self.lo.append(lo), self.hi.append(hi)
+
+    def build(self, dp, n_slots):
+        """Every sequence placed once, each slot's rows, and obj at least each DP rank's sum of slot times.
+        Columns and rows are made in a fixed order, so HiGHS sees the same program every run."""
+        n, N = len(self.lengths), self.cp
+        for i in range(n):  # every sequence exactly once: local on one CP rank, or distributed
+            row = {self.v("x", i, r, m, j): 1 for r in range(dp) for m in range(n_slots) for j in range(N)}
+            if N > 1:
+                row.update({self.v("d", i, r, m): 1 for r in range(dp) for m in range(n_slots)})
+            self.add(row, 1, 1)
+        for r in range(dp):
+            for m in range(n_slots):
+                self.slot(r, m, n_slots)
+            self.add({**{self.v("T", r, m): 1 for m in range(n_slots)}, self.v("obj"): -1}, -np.inf, 0)
+
+    def slot(self, r, m, n_slots):
+        """Slot m of DP rank r: slots used in order, a sequence only in a used slot, z set by anything
+        distributed; then each CP rank's bucket and time."""
+        n, N = len(self.lengths), self.cp
+        Y = self.v("y", r, m)
+        if m + 1 < n_slots:
+            self.add({Y: 1, self.v("y", r, m + 1): -1}, 0, np.inf)  # use slots in order (symmetry breaking)
+        d = {self.v("d", i, r, m): 1 for i in range(n)} if N > 1 else {}
+        for i in range(n):
+            self.add({**{self.v("x", i, r, m, j): 1 for j in range(N)}, **({self.v("d", i, r, m): 1} if N > 1 else {}),
+                      Y: -1}, -np.inf, 0)
+            if N > 1:
+                self.add({self.v("d", i, r, m): 1, self.v("z", r, m): -1}, -np.inf, 0)
+        ring = self.ring(r, m, d) if N > 1 else None
+        for j in range(N):
+            self.rank(r, m, j, ring)
+
+    def ring(self, r, m, d):
+        """The ring terms of slot m of DP rank r, linear in its d's (z: anything distributed): a rank's
+        share in tokens, and seconds per layer of the ring block, ring attention, a hop, a gradient hop."""
+        c, N, z = self.cost, self.cp, {self.v("z", r, m): 1}
+        sp = [padded_len(s, N) for s in self.lengths]
+        kv = 2 * c.h_kv / c.p2p_bandwidth  # s per share token of a hop, per byte width
+        share = {col: sp[i] // N for i, col in enumerate(d)}
+        attn = {self.v("d", i, r, m): c.a_ring * c.attn_flops / c.n_layer * sp[i] ** 2 / N ** 2 for i in range(len(sp))}
+        return SimpleNamespace(share=share, block=_plus((c.b_call, z), (c.b_seq, d)), attn=attn,
+                               hop=_plus((c.p2p_latency, z), (kv * c.comm_bytes, share)),
+                               hop_grad=_plus((c.p2p_latency, z), (kv * 4, share)))
+
+    def rank(self, r, m, j, ring):
+        """CP rank j of slot m of DP rank r: its tokens within the bucket, and T[r, m] at least its time."""
+        c, n, N, L, o = self.cost, len(self.lengths), self.cp, self.cost.n_layer, self.cost.comm_overlap
+        a_loc = c.a_attn * c.attn_flops / L  # s per token^2, one layer, fwd+bwd
+        Y, x = self.v("y", r, m), {self.v("x", i, r, m, j): 1 for i in range(n)}
+        sq = {self.v("x", i, r, m, j): self.lengths[i] ** 2 for i in range(n)}
+        tok = _plus((1, {self.v("x", i, r, m, j): self.lengths[i] for i in range(n)}), (1, ring.share if ring else {}))
+        self.add(tok, -np.inf, self.bucket_size)
+        if ring is None:  # no ring: one attention call per layer and pass
+            loc = _plus((L * a_loc, sq), (2 * L * c.b_seq, x), (2 * L * c.b_call, {Y: 1}))
+            self.add(_plus((c.c_mb, {Y: 1}), (c.a * c.lin_flops, tok), (1, loc), (-1, {self.v("T", r, m): 1})),
+                     -np.inf, 0)
+            return
+        # one step's compute per pass: the even slice of the local work + the ring block
+        slice_ = _plus((a_loc / N, sq))
+        fwd = _plus((1 / 3, slice_), (c.b_seq / N, x), (1, ring.block), (1 / 3, ring.attn))
+        bwd = _plus((2 / 3, slice_), (c.b_seq / N, x), (1, ring.block), (2 / 3, ring.attn))
+        steps = []  # u >= both lines of a step's time: forward, backward, the last step's backward
+        for name, comp, comm in (("f", fwd, ring.hop), ("b", bwd, _plus((1, ring.hop), (1, ring.hop_grad))),
+                                 ("bl", bwd, ring.hop_grad)):
+            u = self.v("u", name, r, m, j)
+            self.add(_plus((1, comp), ((1 - o), comm), (-1, {u: 1})), -np.inf, 0)
+            self.add(_plus((1, comm), ((1 - o), comp), (-1, {u: 1})), -np.inf, 0)
+            steps.append(u)
+        per_layer = _plus(((N - 1), {steps[0]: 1}), (1, fwd), ((N - 1), {steps[1]: 1}), (1, {steps[2]: 1}))
+        self.add(_plus((c.c_mb, {Y: 1}), (c.a * c.lin_flops, tok), (L, per_layer), (-1, {self.v("T", r, m): 1})),
+                 -np.inf, 0)
+
+    def solve(self, time_limit):
+        """Minimise obj with scipy's HiGHS: x, d, y, z binary, the rest non-negative."""
+        from scipy.optimize import Bounds, LinearConstraint, milp as highs
+        from scipy.sparse import coo_matrix
+        integrality = np.array([1 if k[0] in ("x", "d", "y", "z") else 0 for k in self.columns], dtype=int)
+        obj = np.zeros(len(self.columns))
+        obj[self.columns[("obj",)]] = 1.0
+        r_, c_, x_ = zip(*[(i, col, val) for i, row in enumerate(self.rows) for col, val in row.items()])
+        A = coo_matrix((x_, (r_, c_)), shape=(len(self.rows), len(self.columns))).tocsr()
+        return highs(obj, constraints=LinearConstraint(A, self.lo, self.hi), integrality=integrality,
+                     bounds=Bounds(np.zeros(len(self.columns)), np.where(integrality == 1, 1.0, np.inf)),
+                     options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+
+    def plan(self, val, dp, n_slots):
+        """The plan of a solution (val: each column's value, rounded), empty slots left out."""
+        n, N, col = len(self.lengths), self.cp, self.columns
+        plan = []
+        for r in range(dp):
+            mbs = []
+            for m in range(n_slots):
+                mb = MicroBatch([i for i in range(n) if N > 1 and val[col[("d", i, r, m)]]],
+                                [[i for i in range(n) if val[col[("x", i, r, m, j)]]] for j in range(N)])
+                if mb.distributed or any(mb.local):
+                    mbs.append(mb)
+            plan.append(mbs)
+        return plan
 
 # -----------------------------------------------------------------------------
 # 2. optimality gaps
@@ -249,37 +293,52 @@ def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None, 
           "".join(f"{p:>{width[p]}s}" for p in shown) + f"{'bound':>9s} {'plus/skrull':>12s} {'possible':>9s} {'worst batch':>12s}"
     print(hdr)
     print("-" * len(hdr))
-    rng = np.random.default_rng(seed)
-    speed = {"0.5b": [], "7b": [], "sorted": []}
+    rng = np.random.default_rng(seed)  # one stream through every setup and dataset, in order
+    speed = {"0.5b": [], "7b": [], "sorted": []}  # per batch: naive/skrull (by model), sorted/skrull
     plot_batch = None
     for label, model, C, dp, cp, bs, datasets in SETUPS:
         cost = CostModel(model)
         for k, v in const.items():
             setattr(cost, k, v)
         for ds in datasets:
-            tot = dict.fromkeys(run, 0.0)
-            bound, ratios = 0.0, []
-            for b in range(n_batches):
-                lengths = sample_global_batch(ds, dp * bs, rng, cp * C)
-                t = {}
-                for p in run:
-                    plan = schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost, seed=b)
-                    t[p] = cost.predict_step_time(plan, lengths)
-                    tot[p] += t[p] / n_batches
-                bound += cost.ideal_step_time(lengths, dp, cp, C) / n_batches
-                ratios.append(t["skrull_plus"] / t["skrull"])
-                speed["0.5b" if model == "qwen2.5-0.5b" else "7b"].append(t["naive"] / t["skrull"])
-                speed["sorted"].append(t["sorted"] / t["skrull"])
-                if plot_batch is None and model == "qwen2.5-0.5b" and ds == "chatqa2":
-                    plot_batch = (lengths, dp, cp, C, cost)
+            batches, mean, bound = _run_batches(ds, cost, C, dp, cp, bs, run, n_batches, rng)
+            ratios = [t["skrull_plus"] / t["skrull"] for _, t in batches]
+            speed["0.5b" if model == "qwen2.5-0.5b" else "7b"] += [t["naive"] / t["skrull"] for _, t in batches]
+            speed["sorted"] += [t["sorted"] / t["skrull"] for _, t in batches]
+            if plot_batch is None and model == "qwen2.5-0.5b" and ds == "chatqa2":
+                plot_batch = (batches[0][0], dp, cp, C, cost)
             print(f"{label:13s} {C // 1000:>3d}K {dp:>2d}x{cp:<3d} {bs:>3d} {ds:10s} " +
-                  "".join(f"{tot[p] * 1e3:{width[p]}.1f}" for p in shown) +
-                  f"{bound * 1e3:9.1f} {(1 - tot['skrull_plus'] / tot['skrull']) * 100:10.1f}% "
-                  f"{(1 - bound / tot['skrull']) * 100:7.1f}% {(1 - max(ratios)) * 100:10.1f}%")
+                  "".join(f"{mean[p] * 1e3:{width[p]}.1f}" for p in shown) +
+                  f"{bound * 1e3:9.1f} {(1 - mean['skrull_plus'] / mean['skrull']) * 100:10.1f}% "
+                  f"{(1 - bound / mean['skrull']) * 100:7.1f}% {(1 - max(ratios)) * 100:10.1f}%")
     print("-" * len(hdr))
+    _print_summary(speed)
+    _plot(png, *plot_batch)
+    _report_overhead(searched, seed)
+    if gap and searched:
+        report_gaps(policies=searched)
+
+
+def _run_batches(ds, cost, C, dp, cp, bs, policies, n_batches, rng):
+    """n_batches global batches of dataset `ds` through every policy: ([(lengths, {policy: step time})]
+    per batch, {policy: mean step time}, mean of the bound)."""
+    batches, mean, bound = [], dict.fromkeys(policies, 0.0), 0.0
+    for b in range(n_batches):
+        lengths = sample_global_batch(ds, dp * bs, rng, cp * C)
+        t = {}
+        for p in policies:
+            plan = schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost, seed=b)
+            t[p] = cost.predict_step_time(plan, lengths)
+            mean[p] += t[p] / n_batches
+        bound += ideal_step_time(cost, lengths, dp, cp, C) / n_batches
+        batches.append((lengths, t))
+    return batches, mean, bound
+
+
+def _print_summary(speed):
     print("plus/skrull: how much lower skrull_plus's mean step time is than skrull's; possible: the most any plan "
           "could lower it (1 - bound/skrull);\nworst batch: the smallest per-batch reduction. bound: no plan can beat "
-          "it (CostModel.ideal_step_time: perfect balance, communication\nhidden, the fewest calls and micro-batches; "
+          "it (skrull_plus.ideal_step_time: perfect balance, communication\nhidden, the fewest calls and micro-batches; "
           "at least a micro-batch holding only the costliest sequence).")
     overall = speed["0.5b"] + speed["7b"]
     print(f"skrull vs naive (DeepSpeed):  0.5B {np.mean(speed['0.5b']):.2f}x (paper {PAPER['0.5b']:.2f}x)   "
@@ -287,26 +346,27 @@ def simulate(n_batches=8, seed=0, png="skrull_loads.png", gap=True, const=None, 
           f"(paper {PAPER['overall']:.2f}x)")
     print(f"skrull vs sorted (LongAlign): overall {np.mean(speed['sorted']):.2f}x (paper {PAPER['sorted']:.2f}x)")
 
-    lengths, dp, cp, C, cost = plot_batch
+
+def _plot(png, lengths, dp, cp, C, cost):
     plans = {p: schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost) for p in ("naive", "skrull", "skrull_plus")}
     if png and plot_loads(png, lengths, plans, cost):
         print(f"per-rank load plot (Qwen2.5-0.5B, chatqa2): {png}")
     elif png:
         print("per-rank load plot: skipped (matplotlib is not installed; it is optional)")
 
-    # scheduling overhead: one paper-size global batch, 256 sequences, DP=4, CP=8
+
+def _report_overhead(policies, seed):
+    """The scheduling overhead of `policies` on one paper-size global batch: 256 sequences, DP=4, CP=8."""
     cost = CostModel("qwen2.5-0.5b")
     print(f"scheduling overhead, 256 sequences, DP=4 CP=8 C=26K, 30 calls each (target <= 10 ms median); "
           f"machine load (1-minute average) {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    name_width = max([11] + [len(p) for p in searched])
+    name_width = max([11] + [len(p) for p in policies])
     for ds in ("wikipedia", "lmsys", "chatqa2"):
         lengths = sample_global_batch(ds, 256, np.random.default_rng(seed), 8 * 26_000)
-        for p in searched:
+        for p in policies:
             ts = np.array(schedule_overhead(lengths, 4, 8, 26_000, cost, p)) * 1e3
             print(f"  {p:{name_width}s} ({ds:9s}): wall median {np.median(ts[:, 0]):5.2f} ms (min {ts[:, 0].min():.2f}, max "
                   f"{ts[:, 0].max():.2f}), CPU time median {np.median(ts[:, 1]):5.2f} ms")
-    if gap and searched:
-        report_gaps(policies=searched)
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ gds_microbatches, dacp) and then scores alternatives with the cost model's time 
 micro-batch; never predicted slower than skrull, since the paper's plan is one of its candidates.
 
   rank_time_bound   a lower bound on CostModel.rank_time from sums, to prune the searches below
+  ideal_step_time   a lower bound on any plan's step time (the simulator's "possible" column)
   refine            inside one micro-batch: move, distribute or keep whole one sequence at a time
   balance_dp        across DP ranks: move local sequences from the slowest DP rank to the fastest
   skrull_plus       the policy: per DP rank the best of a few candidates, refined; then balanced, and
@@ -18,6 +19,9 @@ from scheduler import (MicroBatch, all_distributed, default_cost, gds_microbatch
                        naive, padded_len)
 
 PLUS_EXTRA_MB = 1  # skrull_plus tries m0 and m0 + 1 micro-batches per DP rank (more: slower, rarely better)
+
+# -----------------------------------------------------------------------------
+# bounds
 
 
 def rank_time_bound(cost, tokens, n_local, sq_local, ring=None):
@@ -38,6 +42,32 @@ def rank_time_bound(cost, tokens, n_local, sq_local, ring=None):
     return linear + cost.n_layer * max(x + (1 - o) * c, c + (1 - o) * x)
 
 
+def ideal_step_time(cost, lengths, dp, cp, bucket_size, include_step=True):
+    """A lower bound on any plan's step time under `cost` (a CostModel), for the simulator's "possible"
+    column: the larger of the total work (each sequence in its cheapest form) spread perfectly over
+    dp*cp ranks plus the fixed costs every working rank pays, and a micro-batch holding only the
+    costliest sequence (rank_time only grows with what is added)."""
+    work, longest = 0.0, 0.0
+    for s in lengths:
+        work += min(([cost.t_local(s)] if s <= bucket_size else []) + ([cp * cost.t_dist(s, cp)] if cp > 1 else []))
+        alone = []  # rank_time of a micro-batch holding only s, local or distributed: whatever else
+        if s <= bucket_size:  # shares its micro-batch only adds to it
+            alone.append(cost.rank_time(s, [s]))
+        if cp > 1:
+            ring = cost.ring([s], cp)
+            alone.append(cost.rank_time(ring.share, [], ring))
+        longest = max(longest, min(alone))
+    # every rank that works pays at least one micro-batch (c_mb) and one attention call per layer and
+    # pass, and the ranks pay one c_mb per C tokens between them
+    mbs_per_rank = sum(lengths) / (dp * cp * bucket_size)
+    fixed = max(1.0, mbs_per_rank) * cost.c_mb + 2 * cost.n_layer * cost.b_call
+    bound = max(work / (dp * cp) + fixed, longest)
+    return bound + (cost.t_step(dp * cp) if include_step else 0.0)
+
+# -----------------------------------------------------------------------------
+# refine: inside one micro-batch
+
+
 # The distributed set of a candidate in refine: CostModel.ring of it (None: nothing distributed), a rank's
 # share of it in tokens, and a number naming it (refine remembers rank times per ring and local list).
 Ring = namedtuple("Ring", "costs share key")
@@ -45,106 +75,160 @@ Ring = namedtuple("Ring", "costs share key")
 
 def refine(mb, lengths, bucket_size, cost=None):
     """A local search after Algorithm 1, inside one micro-batch: Algorithm 1 keeps a sequence whole
-    whenever it fits, so one rank's quadratic attention can set the micro-batch's time. While it lowers
-    the slowest CP rank j's time (CostModel.rank_time), within the bucket, apply the best of: move one of
-    j's local sequences (4 longest, 2 shortest) to the least busy rank that holds it; distribute one of
-    j's 2 longest; keep one of the 2 shortest distributed ones whole on the least busy rank that holds it.
-    Each rank lists its local sequences longest first, which spreads dacp_attention's per-step slices.
-    Candidates are bounded (rank_time_bound) before they are timed: faster, same result."""
+    whenever it fits, so one rank's quadratic attention can set the micro-batch's time. Each round takes
+    the best of these changes around the slowest CP rank (CostModel.rank_time), within the bucket, if it
+    lowers that rank's time: move one of its local sequences, distribute one, or make one distributed
+    sequence local. Candidates are bounded (rank_time_bound) before they are timed: faster, same result."""
     cp = len(mb.local)
     if cp == 1:
         return mb
-    cost = cost or default_cost()
-    key = lambda k: (-lengths[k], k)  # noqa: E731  longest first
-    local = [sorted(loc, key=key) for loc in mb.local]
-    dist = tuple(sorted(mb.distributed))
-    ltok = [sum(lengths[k] for k in loc) for loc in local]        # per rank: local tokens, sum of L^2
-    lsq = [sum(lengths[k] ** 2 for k in loc) for loc in local]
-    rings, memo = {}, {}
-
-    def ring_of(dist):  # the Ring of a distributed set, built once per set
-        if dist not in rings:
-            terms = cost.ring([lengths[k] for k in dist], cp) if dist else None
-            rings[dist] = Ring(terms, terms.share if terms else 0, len(rings))
-        return rings[dist]
-
-    def time_of(loc, ring):  # CostModel.rank_time of a rank holding loc, remembered
-        k = (ring.key, tuple(loc))
-        if k not in memo:
-            memo[k] = cost.rank_time(ring.share + sum(lengths[x] for x in loc), [lengths[x] for x in loc], ring.costs)
-        return memo[k]
-
-    def bound(tok, n, sq, ring):
-        return rank_time_bound(cost, ring.share + tok, n, sq, ring.costs)
-
-    ring = ring_of(dist)
-    times = [time_of(loc, ring) for loc in local]
+    search = _CPSearch(mb, lengths, bucket_size, cost or default_cost())
     for _ in range(2 * cp):
-        order = sorted(range(cp), key=lambda i: (times[i], i))
+        order = sorted(range(cp), key=lambda i: (search.times[i], i))  # least busy first, the slowest last
         j = order[-1]
-        move, move_t, move_n = None, times[j] * (1 - 1e-9), -1
-        cands = []  # moves, bounded: (bound, n, v, i, the slowest unchanged rank)
-        for n, v in enumerate(dict.fromkeys(local[j][:4] + local[j][-2:])):
-            s = lengths[v]
-            i = next((i for i in order[:-1] if ring.share + ltok[i] + s <= bucket_size), None)
-            if i is None:
-                continue
-            others = next((times[x] for x in reversed(order) if x not in (i, j)), 0.0)
-            lb = max(others, bound(ltok[j] - s, len(local[j]) - 1, lsq[j] - s * s, ring),
-                     bound(ltok[i] + s, len(local[i]) + 1, lsq[i] + s * s, ring))
-            cands.append((lb, n, v, i, others))
-        for lb, n, v, i, others in sorted(cands):  # the same choice as computing all in order n
-            if lb > move_t:
-                break
-            m = max(others, time_of([x for x in local[j] if x != v], ring),
-                    time_of(sorted(local[i] + [v], key=key), ring))
-            if (m, n) < (move_t, move_n):
-                move, move_t, move_n = ("move", v, i), m, n
-        shortest = sorted(dist, key=lambda k: (lengths[k], k))[:2]
-        for kind, v in [("dist", v) for v in local[j][:2]] + [("local", v) for v in shortest]:
-            s = lengths[v]
-            new_dist = tuple(sorted(dist + (v,))) if kind == "dist" else tuple(x for x in dist if x != v)
-            new_ring = ring_of(new_dist)  # every rank's share changes by new_ring.share - ring.share
-            tok, n, sq = list(ltok), [len(loc) for loc in local], list(lsq)
-            if kind == "dist":
-                r = j
-                tok[j], n[j], sq[j] = tok[j] - s, n[j] - 1, sq[j] - s * s
-                if new_ring.share + max(tok) > bucket_size:
-                    continue
-                # the other ranks keep their sequences under a larger ring: each is at least as slow as
-                # now, plus the linear layers' time on the added share (every ring step's time grows)
-                if cp > 1 and times[order[-2]] + cost.a * cost.lin_flops * (new_ring.share - ring.share) >= move_t:
-                    continue
-            else:
-                r = next((i for i in order if new_ring.share + ltok[i] + s <= bucket_size), None)
-                if r is None:
-                    continue
-                tok[r], n[r], sq[r] = tok[r] + s, n[r] + 1, sq[r] + s * s
-            if any(bound(tok[i], n[i], sq[i], new_ring) >= move_t for i in reversed(order)):
-                continue
-            new_local = [sorted(loc + [v], key=key) if kind == "local" and i == r else
-                         [x for x in loc if x != v] for i, loc in enumerate(local)]
-            m = 0.0
-            for i in reversed(order):  # the slowest rank so far first; give up once it cannot win
-                m = max(m, time_of(new_local[i], new_ring))
-                if m >= move_t:
-                    break
-            if m < move_t:
-                move, move_t = (kind, new_dist, new_local), m
+        move, move_t = search.move_local(order, search.times[j] * (1 - 1e-9))
+        # then the ring changes, each against the best so far: distribute one of j's 2 longest, or keep
+        # one of the 2 shortest distributed sequences whole
+        changes = [(search.distribute, v) for v in search.local[j][:2]] + \
+                  [(search.make_local, v) for v in sorted(search.dist, key=lambda k: (lengths[k], k))[:2]]
+        for change, v in changes:
+            found = change(order, v, move_t)
+            if found is not None:
+                move, move_t = found
         if move is None:
             break
+        search.apply(move)
+    return MicroBatch(list(search.dist), search.local, mb.rollbacks)
+
+
+class _CPSearch:
+    """refine's state for one micro-batch: the distributed set and its Ring; per CP rank its local
+    sequences (longest first, which spreads dacp_attention's per-step slices), their tokens, sum of
+    L^2, and the rank's time. Rank times are remembered per (ring, local list): rounds retry many."""
+
+    def __init__(self, mb, lengths, bucket_size, cost):
+        self.lengths, self.bucket_size, self.cost, self.cp = lengths, bucket_size, cost, len(mb.local)
+        self.rings, self.memo = {}, {}
+        self.local = [sorted(loc, key=self.longest_first) for loc in mb.local]
+        self.dist = tuple(sorted(mb.distributed))
+        self.ring = self.ring_of(self.dist)
+        self.ltok, self.lsq, self.times = [0] * self.cp, [0] * self.cp, [0.0] * self.cp
+        self.update(range(self.cp))
+
+    def longest_first(self, k):
+        return (-self.lengths[k], k)
+
+    def ring_of(self, dist):
+        """The Ring of a distributed set, built once per set."""
+        if dist not in self.rings:
+            terms = self.cost.ring([self.lengths[k] for k in dist], self.cp) if dist else None
+            self.rings[dist] = Ring(terms, terms.share if terms else 0, len(self.rings))
+        return self.rings[dist]
+
+    def time_of(self, loc, ring):
+        """CostModel.rank_time of a rank holding the local sequences loc under ring, remembered."""
+        k = (ring.key, tuple(loc))
+        if k not in self.memo:
+            lens = [self.lengths[x] for x in loc]
+            self.memo[k] = self.cost.rank_time(ring.share + sum(lens), lens, ring.costs)
+        return self.memo[k]
+
+    def bound(self, tok, n, sq, ring):
+        return rank_time_bound(self.cost, ring.share + tok, n, sq, ring.costs)
+
+    def update(self, ranks):  # after a change: these ranks' sums and times
+        for i in ranks:
+            self.ltok[i] = sum(self.lengths[k] for k in self.local[i])
+            self.lsq[i] = sum(self.lengths[k] ** 2 for k in self.local[i])
+            self.times[i] = self.time_of(self.local[i], self.ring)
+
+    def move_local(self, order, move_t):
+        """The best move of one of the slowest rank j's local sequences (its 4 longest, 2 shortest) to the
+        least busy rank with room for it, as (("move", v, i, j), time) if it beats move_t, else (None,
+        move_t). Bounded candidates are timed lowest bound first, until a bound cannot win; ties go to
+        the earlier candidate in the listed order, as if all were timed in that order."""
+        j, lengths, ring = order[-1], self.lengths, self.ring
+        cands = []  # (bound, n, v, i, the slowest unchanged rank's time)
+        for n, v in enumerate(dict.fromkeys(self.local[j][:4] + self.local[j][-2:])):
+            s = lengths[v]
+            i = next((i for i in order[:-1] if ring.share + self.ltok[i] + s <= self.bucket_size), None)
+            if i is None:
+                continue
+            others = next((self.times[x] for x in reversed(order) if x not in (i, j)), 0.0)
+            lb = max(others, self.bound(self.ltok[j] - s, len(self.local[j]) - 1, self.lsq[j] - s * s, ring),
+                     self.bound(self.ltok[i] + s, len(self.local[i]) + 1, self.lsq[i] + s * s, ring))
+            cands.append((lb, n, v, i, others))
+        move, move_n = None, -1
+        for lb, n, v, i, others in sorted(cands):
+            if lb > move_t:
+                break
+            m = max(others, self.time_of([x for x in self.local[j] if x != v], ring),
+                    self.time_of(sorted(self.local[i] + [v], key=self.longest_first), ring))
+            if (m, n) < (move_t, move_n):
+                move, move_t, move_n = ("move", v, i, j), m, n
+        return move, move_t
+
+    def distribute(self, order, v, move_t):
+        """Distribute v, one of the slowest rank's local sequences: (move, time) if that beats move_t."""
+        j, s = order[-1], self.lengths[v]
+        new_dist = tuple(sorted(self.dist + (v,)))
+        new_ring = self.ring_of(new_dist)  # every rank's share grows by new_ring.share - ring.share
+        tok, n, sq = list(self.ltok), [len(loc) for loc in self.local], list(self.lsq)
+        tok[j], n[j], sq[j] = tok[j] - s, n[j] - 1, sq[j] - s * s
+        if new_ring.share + max(tok) > self.bucket_size:
+            return None
+        # the other ranks keep their sequences under a larger ring: each is at least as slow as now, plus
+        # the linear layers' time on the added share (every ring step's time grows)
+        cost = self.cost
+        if self.times[order[-2]] + cost.a * cost.lin_flops * (new_ring.share - self.ring.share) >= move_t:
+            return None
+        new_local = [[x for x in loc if x != v] for loc in self.local]
+        return self.ring_change(order, new_dist, new_local, (tok, n, sq), move_t)
+
+    def make_local(self, order, v, move_t):
+        """Keep the distributed sequence v whole on the least busy rank with room for it: (move, time) if
+        that beats move_t."""
+        s = self.lengths[v]
+        new_dist = tuple(x for x in self.dist if x != v)
+        new_ring = self.ring_of(new_dist)  # every rank's share shrinks
+        r = next((i for i in order if new_ring.share + self.ltok[i] + s <= self.bucket_size), None)
+        if r is None:
+            return None
+        tok, n, sq = list(self.ltok), [len(loc) for loc in self.local], list(self.lsq)
+        tok[r], n[r], sq[r] = tok[r] + s, n[r] + 1, sq[r] + s * s
+        new_local = [sorted(loc + [v], key=self.longest_first) if i == r else list(loc)
+                     for i, loc in enumerate(self.local)]
+        return self.ring_change(order, new_dist, new_local, (tok, n, sq), move_t)
+
+    def ring_change(self, order, new_dist, new_local, sums, move_t):
+        """A new distributed set changes every rank's time: (("ring", new_dist, new_local), the slowest
+        rank's time) if it beats move_t. Every rank is bounded from its sums (tokens, sequences, sum of L^2)
+        first; then ranks are timed, the slowest so far first, giving up once one cannot win."""
+        ring, (tok, n, sq) = self.ring_of(new_dist), sums
+        if any(self.bound(tok[i], n[i], sq[i], ring) >= move_t for i in reversed(order)):
+            return None
+        m = 0.0
+        for i in reversed(order):
+            m = max(m, self.time_of(new_local[i], ring))
+            if m >= move_t:
+                return None
+        return ("ring", new_dist, new_local), m
+
+    def apply(self, move):
+        """Make a move of move_local, or a ring change of distribute or make_local."""
         if move[0] == "move":
-            _, v, i = move
-            local[j] = [x for x in local[j] if x != v]
-            local[i] = sorted(local[i] + [v], key=key)
-            changed = (i, j)
+            _, v, i, j = move
+            self.local[j] = [x for x in self.local[j] if x != v]
+            self.local[i] = sorted(self.local[i] + [v], key=self.longest_first)
+            self.update((i, j))
         else:
-            _, dist, local = move
-            ring, changed = ring_of(dist), range(cp)
-        for i in changed:
-            ltok[i], lsq[i] = sum(lengths[k] for k in local[i]), sum(lengths[k] ** 2 for k in local[i])
-            times[i] = time_of(local[i], ring)
-    return MicroBatch(list(dist), local, mb.rollbacks)
+            _, self.dist, self.local = move
+            self.ring = self.ring_of(self.dist)
+            self.update(range(self.cp))
+
+# -----------------------------------------------------------------------------
+# balance_dp: across DP ranks
+
 
 def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
     """Across DP ranks, after the fact: Algorithm 2 balances them by per-sequence estimates, which leave
@@ -155,68 +239,97 @@ def balance_dp(plan, lengths, bucket_size, cost, rounds=16):
     dp = len(plan)
     if dp == 1:
         return plan
-    cp = next((len(mb.local) for mbs in plan for mb in mbs), 1)
-    key = lambda k: (-lengths[k], k)  # noqa: E731  a rank that gets a sequence lists them longest first
-    plan = [[MicroBatch(list(mb.distributed), [list(loc) for loc in mb.local], mb.rollbacks) for mb in mbs] for mbs in plan]
-    rings = [[cost.ring([lengths[k] for k in mb.distributed], cp) if mb.distributed else None for mb in mbs] for mbs in plan]
-    times = [[cost.rank_times(mb, lengths) for mb in mbs] for mbs in plan]
-    dp_times = [cost.dp_rank_time(mbs, lengths, times=times[r]) for r, mbs in enumerate(plan)]
-
-    def rank_time(r, m, loc):
-        ring = rings[r][m]
-        return cost.rank_time((ring.share if ring else 0) + sum(lengths[k] for k in loc), [lengths[k] for k in loc], ring)
-
-    def sums(r, m, loc):  # the rank's tokens (its share of the ring included), sequences, sum of L^2
-        ring = rings[r][m]
-        return (ring.share if ring else 0) + sum(lengths[k] for k in loc), len(loc), sum(lengths[k] ** 2 for k in loc)
-
-    def bound(r, m, tok, n, sq):
-        return rank_time_bound(cost, tok, n, sq, rings[r][m])
-
-    def with_time(r, m, j, seconds):  # DP rank r's time with CP rank j of micro-batch m taking `seconds`
-        ts = [list(x) for x in times[r]]
-        ts[m][j] = seconds
-        return cost.dp_rank_time(plan[r], lengths, times=ts)
-
+    search = _DPSearch(plan, lengths, bucket_size, cost)
     for _ in range(rounds):
-        a = max(range(dp), key=lambda r: (dp_times[r], -r))
-        b = min(range(dp), key=lambda r: (dp_times[r], r))
-        move, move_t = None, dp_times[a] * (1 - 1e-9)
-        tok_b = [[sums(b, m, loc)[0] for loc in mb.local] for m, mb in enumerate(plan[b])]
-        by_time = [sorted(range(cp), key=lambda j: (times[b][m][j], j)) for m in range(len(plan[b]))]
-        # each candidate is bounded before it is computed (the DP time only grows with a rank's time;
-        # rank_time_bound from sums), so most cost a few additions
-        for ma, mb_a in enumerate(plan[a]):
-            ja = max(range(cp), key=lambda j: (times[a][ma][j], -j))
-            if with_time(a, ma, ja, 0.0) >= move_t:  # another rank or micro-batch keeps a this slow
-                continue
-            tok_a, n_a, sq_a = sums(a, ma, mb_a.local[ja])
-            for v in mb_a.local[ja]:
-                s = lengths[v]
-                if with_time(a, ma, ja, bound(a, ma, tok_a - s, n_a - 1, sq_a - s * s)) >= move_t:
-                    continue
-                rest = [x for x in mb_a.local[ja] if x != v]
-                time_a = with_time(a, ma, ja, rank_time(a, ma, rest))
-                if time_a >= move_t:
-                    continue
-                for mbi in range(len(plan[b])):  # the least busy CP rank that can hold v
-                    jb = next((j for j in by_time[mbi] if tok_b[mbi][j] + s <= bucket_size), None)
-                    if jb is None:
-                        continue
-                    tok, n, sq = sums(b, mbi, plan[b][mbi].local[jb])
-                    if with_time(b, mbi, jb, bound(b, mbi, tok + s, n + 1, sq + s * s)) >= move_t:
-                        continue
-                    new = sorted(plan[b][mbi].local[jb] + [v], key=key)
-                    m = max(time_a, with_time(b, mbi, jb, rank_time(b, mbi, new)))
-                    if m < move_t:
-                        move, move_t = (v, ma, ja, rest, mbi, jb, new), m
+        a = max(range(dp), key=lambda r: (search.dp_times[r], -r))
+        b = min(range(dp), key=lambda r: (search.dp_times[r], r))
+        move = search.best_move(a, b)
         if move is None:
             break
-        v, ma, ja, rest, mbi, jb, new = move
-        plan[a][ma].local[ja], plan[b][mbi].local[jb] = rest, new
-        times[a][ma][ja], times[b][mbi][jb] = rank_time(a, ma, rest), rank_time(b, mbi, new)
-        dp_times[a], dp_times[b] = cost.dp_rank_time(plan[a], lengths, times=times[a]), cost.dp_rank_time(plan[b], lengths, times=times[b])
-    return [[mb for mb in mbs if mb.distributed or any(mb.local)] for mbs in plan]
+        search.apply(a, b, move)
+    return [[mb for mb in mbs if mb.distributed or any(mb.local)] for mbs in search.plan]
+
+
+class _DPSearch:
+    """balance_dp's state: a copy of the plan, each micro-batch's ring (CostModel.ring, or None), every
+    CP rank's time in every micro-batch, and every DP rank's time (CostModel.dp_rank_time)."""
+
+    def __init__(self, plan, lengths, bucket_size, cost):
+        self.lengths, self.bucket_size, self.cost = lengths, bucket_size, cost
+        self.cp = next((len(mb.local) for mbs in plan for mb in mbs), 1)
+        self.plan = [[MicroBatch(list(mb.distributed), [list(loc) for loc in mb.local], mb.rollbacks) for mb in mbs]
+                     for mbs in plan]
+        self.rings = [[cost.ring([lengths[k] for k in mb.distributed], self.cp) if mb.distributed else None
+                       for mb in mbs] for mbs in self.plan]
+        self.times = [[cost.rank_times(mb, lengths) for mb in mbs] for mbs in self.plan]
+        self.dp_times = [cost.dp_rank_time(mbs, lengths, times=self.times[r]) for r, mbs in enumerate(self.plan)]
+
+    def longest_first(self, k):  # a rank that gets a sequence lists them longest first
+        return (-self.lengths[k], k)
+
+    def tokens(self, r, m, loc):
+        """Tokens of a CP rank of micro-batch m of DP rank r holding loc: its share of the ring included."""
+        ring = self.rings[r][m]
+        return (ring.share if ring else 0) + sum(self.lengths[k] for k in loc)
+
+    def sums(self, r, m, loc):  # what rank_time_bound takes: tokens, how many local sequences, sum of L^2
+        return self.tokens(r, m, loc), len(loc), sum(self.lengths[k] ** 2 for k in loc)
+
+    def rank_time(self, r, m, loc):
+        return self.cost.rank_time(self.tokens(r, m, loc), [self.lengths[k] for k in loc], self.rings[r][m])
+
+    def bound(self, r, m, tok, n, sq):
+        return rank_time_bound(self.cost, tok, n, sq, self.rings[r][m])
+
+    def with_time(self, r, m, j, seconds):
+        """DP rank r's time with CP rank j of its micro-batch m taking `seconds`."""
+        ts = [list(x) for x in self.times[r]]
+        ts[m][j] = seconds
+        return self.cost.dp_rank_time(self.plan[r], self.lengths, times=ts)
+
+    def best_move(self, a, b):
+        """The best move from DP rank a to DP rank b, (v, ma, ja, rest, mbi, jb, new), or None if none
+        lowers max(T_a, T_b) below T_a. Each candidate is bounded before it is timed (the DP time only
+        grows with a rank's time; rank_time_bound from sums), so most cost a few additions."""
+        lengths, cp = self.lengths, self.cp
+        move, move_t = None, self.dp_times[a] * (1 - 1e-9)
+        tok_b = [[self.tokens(b, m, loc) for loc in mb.local] for m, mb in enumerate(self.plan[b])]
+        by_time = [sorted(range(cp), key=lambda j: (self.times[b][m][j], j)) for m in range(len(self.plan[b]))]
+        for ma, mb_a in enumerate(self.plan[a]):
+            ja = max(range(cp), key=lambda j: (self.times[a][ma][j], -j))
+            if self.with_time(a, ma, ja, 0.0) >= move_t:  # another rank or micro-batch keeps a this slow
+                continue
+            tok_a, n_a, sq_a = self.sums(a, ma, mb_a.local[ja])
+            for v in mb_a.local[ja]:
+                s = lengths[v]
+                if self.with_time(a, ma, ja, self.bound(a, ma, tok_a - s, n_a - 1, sq_a - s * s)) >= move_t:
+                    continue
+                rest = [x for x in mb_a.local[ja] if x != v]
+                time_a = self.with_time(a, ma, ja, self.rank_time(a, ma, rest))
+                if time_a >= move_t:
+                    continue
+                for mbi in range(len(self.plan[b])):  # the least busy CP rank that can hold v
+                    jb = next((j for j in by_time[mbi] if tok_b[mbi][j] + s <= self.bucket_size), None)
+                    if jb is None:
+                        continue
+                    tok, n, sq = self.sums(b, mbi, self.plan[b][mbi].local[jb])
+                    if self.with_time(b, mbi, jb, self.bound(b, mbi, tok + s, n + 1, sq + s * s)) >= move_t:
+                        continue
+                    new = sorted(self.plan[b][mbi].local[jb] + [v], key=self.longest_first)
+                    m = max(time_a, self.with_time(b, mbi, jb, self.rank_time(b, mbi, new)))
+                    if m < move_t:
+                        move, move_t = (v, ma, ja, rest, mbi, jb, new), m
+        return move
+
+    def apply(self, a, b, move):
+        _, ma, ja, rest, mbi, jb, new = move
+        self.plan[a][ma].local[ja], self.plan[b][mbi].local[jb] = rest, new
+        self.times[a][ma][ja], self.times[b][mbi][jb] = self.rank_time(a, ma, rest), self.rank_time(b, mbi, new)
+        for r in (a, b):
+            self.dp_times[r] = self.cost.dp_rank_time(self.plan[r], self.lengths, times=self.times[r])
+
+# -----------------------------------------------------------------------------
+# the policy
 
 
 def skrull_plus(lengths, *, dp, cp, bucket_size, cost=None, seed=0):

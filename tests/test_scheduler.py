@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from scheduler import POLICIES, CostModel, MicroBatch, dacp, local_slots, padded_len, schedule
-from skrull_plus import balance_dp, rank_time_bound, refine
+from skrull_plus import balance_dp, ideal_step_time, rank_time_bound, refine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from simulate import gap_instances, milp, optimality_gaps
@@ -289,7 +289,7 @@ def test_simulation_policies():
         t = {p: c.predict_step_time(schedule(lengths, dp=4, cp=8, bucket_size=26_000, policy=p, cost=c), lengths)
              for p in POLICIES}
         assert t["skrull_plus"] <= t["skrull"] and t["skrull_plus"] <= t["naive"] and t["skrull_plus"] < t["sorted"]
-        assert min(t.values()) >= c.ideal_step_time(lengths, 4, 8, 26_000)
+        assert min(t.values()) >= ideal_step_time(c, lengths, 4, 8, 26_000)
     # GDS balances DP ranks by time: with cp=1 skrull's slowest DP rank beats naive's contiguous slices
     lengths = [int(x) for x in np.minimum(sample_lengths("lmsys", 64, rng), 26_000)]
     t = {p: c.predict_step_time(schedule(lengths, dp=4, cp=1, bucket_size=26_000, policy=p, cost=c), lengths)
