@@ -116,16 +116,18 @@ def long_dataset(tmp_path_factory):
 
 
 def dry_run(*args):
-    r = subprocess.run([sys.executable, "train.py", *args, "--dry_run=True"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    return r.returncode, r.stdout, r.stderr
+    """Start train.py's dry run (returns the process: several run side by side)."""
+    return subprocess.Popen([sys.executable, "train.py", *args, "--dry_run=True"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 def test_dry_run_exit_codes(long_dataset):
-    rc, out, err = dry_run("config/long_sft_7b.py", "--dry_run_world=32", f"--dataset={long_dataset}")
-    assert rc == 0, out + err
+    fits = dry_run("config/long_sft_7b.py", "--dry_run_world=32", f"--dataset={long_dataset}")
+    over = dry_run("config/long_sft_7b.py", "--dry_run_world=32", f"--dataset={long_dataset}", "--bucket_size=60000")
+    (out, err), (out2, err2) = fits.communicate(timeout=120), over.communicate(timeout=120)
+    assert fits.returncode == 0, out + err
     assert out.count(" yes") == 32 and "fits: every rank" in out
-    rc, out, err = dry_run("config/long_sft_7b.py", "--dry_run_world=32", f"--dataset={long_dataset}", "--bucket_size=60000")
+    rc, out, err = over.returncode, out2, err2
     assert rc == 1, out + err
     assert "does not fit: rank " in out and "GiB over the usable" in out and "Traceback" not in err

@@ -215,13 +215,16 @@ def test_fsdp_uneven_microbatches_checkpoint_modes_and_resume(tmp_path, dataset)
                            policy="dacp", seed=1337 + b) for b in range(EVAL["eval_batches"])]
     assert any(len(p[0]) != len(p[1]) for p in eval_plans)
 
-    ref = train(tmp_path / "ref", dataset, nproc=4, cp=2, fsdp=False, dump_grads=True, **args)
-    sharded = train(tmp_path / "fsdp", dataset, nproc=4, cp=2, fsdp=True, activation_checkpoint="selective",
-                    dump_grads=True, **args)
+    part = tmp_path / "part"
+    fsdp = dict(nproc=4, cp=2, fsdp=True, activation_checkpoint="selective")
+    ref, sharded, full, _ = train_all(
+        (tmp_path / "ref", dataset, dict(nproc=4, cp=2, fsdp=False, dump_grads=True, **args)),
+        (tmp_path / "fsdp", dataset, dict(**fsdp, dump_grads=True, **args)),
+        (tmp_path / "full", dataset, dict(nproc=2, cp=2, activation_checkpoint="full", dump_grads=True,
+                                          **{**args, "batch_size": 8})),  # dp 1: the same 8 sequences per step
+        (part, dataset, dict(**fsdp, checkpoint_interval=2, **{**args, "max_iters": 2})))  # resumed below
     assert_same_run(ref, sharded, grads(tmp_path / "ref"), grads(tmp_path / "fsdp"))
     assert sum("eval_loss" in r for r in sharded) == 2  # after steps 2 and 4
-    full = train(tmp_path / "full", dataset, nproc=2, cp=2, activation_checkpoint="full", dump_grads=True,
-                 **{**args, "batch_size": 8})  # dp 1: the same 8 sequences per step
     assert_same_run(ref, full, grads(tmp_path / "ref"), grads(tmp_path / "full"))
 
     # state per rank, measured from the tensors: FSDP2 shards all 16 bytes/param over the 4 ranks
@@ -234,10 +237,7 @@ def test_fsdp_uneven_microbatches_checkpoint_modes_and_resume(tmp_path, dataset)
     assert s_ref == static_bytes(cfg, 4, False)["persistent"] + 4 * n_tensors
     assert sharded[0]["peak_state_bytes_per_rank"] > s_fsdp and ref[0]["peak_state_bytes_per_rank"] > s_ref
 
-    part = tmp_path / "part"
-    train(part, dataset, nproc=4, cp=2, fsdp=True, activation_checkpoint="selective", checkpoint_interval=2,
-          **{**args, "max_iters": 2})
-    resumed = train(part, dataset, nproc=4, cp=2, fsdp=True, activation_checkpoint="selective", init_from="resume", **args)
+    resumed = train(part, dataset, **fsdp, init_from="resume", **args)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in sharded]
     assert [r.get("eval_loss") for r in resumed] == [r.get("eval_loss") for r in sharded]
 
