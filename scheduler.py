@@ -6,7 +6,8 @@ top to bottom:
   3. dacp                          Algorithm 1: local vs distributed per micro-batch, with roll-back
   4. gds_split, gds_microbatches   Algorithm 2: global batch -> DP ranks -> micro-batches
   5. POLICIES, schedule            the baselines and Skrull by name; schedule() checks any policy's plan
-Ours (skrull_plus) is in skrull_plus.py; the simulator and the exact MILP optimum in simulate.py.
+Ours (skrull_plus) is in skrull_plus.py, which registers it in POLICIES when imported; the simulator and
+the exact MILP optimum are in simulate.py.
 
 Pure Python + numpy: no torch, no torch.distributed. Every rank calls schedule() with the same
 lengths and gets the same plan (all ties broken by index, randomness only from `seed`).
@@ -496,15 +497,9 @@ def skrull(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
             for idx in gds_split(lengths, dp, cp, bucket_size, cost, t_local)]
 
 
-def _skrull_plus(lengths, **kwargs):
-    """Ours, not the paper's: skrull_plus.skrull_plus, imported on first use so that this file holds the
-    paper alone and importing it loads nothing of ours."""
-    from skrull_plus import skrull_plus
-    return skrull_plus(lengths, **kwargs)
-
-
-POLICIES = {"naive": naive, "sorted": sorted_batching, "dacp": dacp_baseline, "skrull": skrull,
-            "skrull_plus": _skrull_plus}  # add your own: POLICIES["name"] = fn
+# name -> fn(lengths, *, dp, cp, bucket_size, cost, seed) returning a plan. A policy registers itself where
+# it is defined, POLICIES["name"] = fn: ours does so when skrull_plus.py is imported, and so can yours.
+POLICIES = {"naive": naive, "sorted": sorted_batching, "dacp": dacp_baseline, "skrull": skrull}
 
 
 def _check_inputs(lengths, dp, cp, bucket_size, policy):
@@ -514,7 +509,8 @@ def _check_inputs(lengths, dp, cp, bucket_size, policy):
     if not isinstance(bucket_size, (int, np.integer)) or isinstance(bucket_size, bool) or bucket_size <= 0:
         raise ValueError(f"bucket_size must be a positive integer (tokens per rank), got {bucket_size!r}")
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)} (a policy is registered "
+                         f"when the file that defines it is imported: `import skrull_plus` for ours)")
     lengths = [int(s) for s in lengths]
     if not lengths:
         raise ValueError("empty batch: no sequences to schedule")

@@ -10,12 +10,12 @@ micro-batch; never predicted slower than skrull, since the paper's plan is one o
   balance_dp        across DP ranks: move local sequences from the slowest DP rank to the fastest
   skrull_plus       the policy: per DP rank the best of a few candidates, refined; then balanced, and
                     compared with naive's plan
-scheduler.POLICIES["skrull_plus"] imports this file on first use.
+Importing this file registers the policy: scheduler.POLICIES["skrull_plus"], as any policy of your own.
 """
 import math
 from collections import namedtuple
 
-from scheduler import (MicroBatch, all_distributed, default_cost, gds_microbatches, gds_split, local_times,
+from scheduler import (POLICIES, MicroBatch, all_distributed, default_cost, gds_microbatches, gds_split, local_times,
                        naive, padded_len)
 
 PLUS_EXTRA_MB = 1  # skrull_plus tries m0 and m0 + 1 micro-batches per DP rank (more: slower, rarely better)
@@ -360,3 +360,6 @@ def skrull_plus(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
     plan = balance_dp(plan, lengths, bucket_size, cost)
     baseline = naive(lengths, dp=dp, cp=cp, bucket_size=bucket_size)
     return min((plan, baseline), key=lambda p: cost.predict_step_time(p, lengths))
+
+
+POLICIES["skrull_plus"] = skrull_plus

@@ -88,6 +88,7 @@ config = {k: globals()[k] for k in _train_keys}  # for logging and checkpoints
 import checkpoint  # noqa: E402
 import preflight  # noqa: E402
 import scheduler  # noqa: E402
+import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
 from memory import MemoryModel, StateMeter  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402

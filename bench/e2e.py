@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from bench.common import load_average, train_run
+import skrull_plus  # noqa: F401  registers "skrull_plus"
 from scheduler import POLICIES, CostModel, schedule
 
 # (name, Table 1 shape, max_len = bucket_size): the long-tail set at the CPU config's 8192 tokens,

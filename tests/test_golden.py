@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_golden
 from golden.make_golden import HERE, cost_model, encode, run_cpu_config
+import skrull_plus  # noqa: F401  registers "skrull_plus"
 from scheduler import schedule
 
 

@@ -175,13 +175,19 @@ def test_broken_policy_is_refused(register, how, problem):
     assert str(e.value).startswith(f"policy 'broken': {problem}"), str(e.value)
 
 
-def test_scheduler_alone_runs_skrull_plus():
-    """schedule(policy="skrull_plus") works without its caller importing skrull_plus, and neither file
-    imports torch."""
+def test_skrull_plus_registers_itself():
+    """scheduler.py holds the paper alone: importing it loads nothing of ours, and "skrull_plus" is unknown
+    until skrull_plus.py is imported, which registers it as any user's policy; neither file imports torch."""
     code = ("import sys, scheduler\n"
-            "assert 'skrull_plus' not in sys.modules\n"
+            "assert 'skrull_plus' not in sys.modules and 'skrull_plus' not in scheduler.POLICIES\n"
+            "try:\n"
+            "    scheduler.schedule([300, 2000, 7000, 40], dp=2, cp=2, bucket_size=4096, policy='skrull_plus')\n"
+            "    raise SystemExit('an unregistered policy ran')\n"
+            "except ValueError as e:\n"
+            "    assert 'import skrull_plus' in str(e), e\n"
+            "import skrull_plus\n"
             "scheduler.schedule([300, 2000, 7000, 40], dp=2, cp=2, bucket_size=4096, policy='skrull_plus')\n"
-            "assert 'skrull_plus' in sys.modules and 'torch' not in sys.modules\n")
+            "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 

@@ -53,6 +53,7 @@ def encode(plan):
 
 
 def make_plans():
+    import skrull_plus  # noqa: F401  registers "skrull_plus"
     from scheduler import schedule
     out = []
     for case in plan_cases():
