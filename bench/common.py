@@ -11,13 +11,13 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_run(out_dir, nproc, overrides, config="config/long_sft_cpu.py"):
-    """One `torchrun train.py <config>` run with --key=value overrides; returns its metrics.jsonl records.
-    A failed run leaves its whole log in out_dir/failed.log and stops the benchmark."""
+def train_run(out_dir, nproc, overrides, config="config/long_sft_cpu.py", extra_configs=()):
+    """One `torchrun train.py <config> <extra_configs>` run with --key=value overrides; returns its
+    metrics.jsonl records. A failed run leaves its whole log in out_dir/failed.log and stops the benchmark."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [config] + [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={out_dir}"]
+    argv = [config, *extra_configs] + [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={out_dir}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "train.py"] + argv
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:

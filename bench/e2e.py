@@ -11,11 +11,12 @@ that step's plan from the profile (fitted on the profile's own runs, never on th
 so do prediction and measurement.
 
     python -m bench.e2e [--profile profile_cpu.json] [--iters 6] [--warmup 1] [--reps 3] [--batch_size 16]
-                        [--policies naive,skrull,skrull_plus] [--seed 1337]
+                        [--policies naive,skrull,skrull_plus] [--policy_file my_policy.py] [--seed 1337]
 """
 import argparse
 import json
 import os
+import runpy
 import tempfile
 import time
 
@@ -59,9 +60,14 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the timing")
     ap.add_argument("--reps", type=int, default=3, help="runs per policy and cell, interleaved")
     ap.add_argument("--batch_size", type=int, default=16, help="sequences per DP rank per step")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policy_file", action="append", default=[], metavar="PATH",
+                    help="a policy file (see the README), registered here and passed to every train.py run; repeatable")
+    ap.add_argument("--policies", default=None, help="comma-separated (default: every registered policy)")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
+    for path in args.policy_file:
+        runpy.run_path(path)  # registers its policy in scheduler.POLICIES, as train.py's configurator will
+    args.policies = args.policies or ",".join(POLICIES)
     args.policies = args.policies.split(",")
     bad = [p for p in args.policies if p not in POLICIES]
     if bad or args.iters <= args.warmup or args.reps < 1 or args.batch_size < 1:
@@ -91,7 +97,7 @@ def run_cell(args, cost, shape, data, ds, dp, cp, max_len, tmp, loads, label):
             m = train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
                 dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
                 max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile,
-                eval_fraction=0.0))
+                eval_fraction=0.0), extra_configs=args.policy_file)
             meas[p].append(np.array([r["dt_ms"] / 1e3 for r in m[args.warmup:]]))
         print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in runs), flush=True)
     return pred, {p: np.array(meas[same[p]]) for p in args.policies}, same
@@ -124,6 +130,8 @@ def print_steps(args, cells, n_steps, elapsed, loads, prof_meta):
 def print_speedups(policies, cells):
     pairs = [(a, b) for a, b in (("skrull_plus", "skrull"), ("skrull_plus", "naive"), ("skrull", "naive"),
                                  ("skrull_plus", "sorted"), ("skrull_plus", "dacp")) if a in policies and b in policies]
+    known = {p for pair in pairs for p in pair}
+    pairs += [(p, policies[0]) for p in policies[1:] if p not in known]  # a policy of your own: against the first
     print("\nspeedups (time of the second policy / time of the first, summed over the timed steps); spread = min-max over "
           "the runs paired by rep:")
     print("| data | dp x cp | " + " | ".join(f"{a} vs {b}: measured (spread) / predicted" for a, b in pairs) + " |")
