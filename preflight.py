@@ -213,8 +213,9 @@ def _rank_peaks(plans, lengths_list, cp, cost):
     for plan, lengths in zip(plans, lengths_list):
         for d, mbs in enumerate(plan):
             t = cost.dp_rank_time(mbs, lengths) + cost.t_step(world)  # CP peers wait for each other at the ring
+            tokens = [mb.rank_tokens(lengths) for mb in mbs]  # per micro-batch, per CP rank
             for c in range(cp):
                 r = d * cp + c
-                peak_tokens[r] = max([peak_tokens[r]] + [mb.rank_tokens(lengths)[c] for mb in mbs])
+                peak_tokens[r] = max([peak_tokens[r]] + [per_rank[c] for per_rank in tokens])
                 step_time[r] = max(step_time[r], t)
     return peak_tokens, step_time

@@ -67,33 +67,33 @@ def command(out_dir, dataset, nproc=1, script="train.py", configs=(), **override
             f"--master_port={_free_port()}", script] + argv
 
 
+def env():
+    """Every train.py process runs one thread, so side-by-side runs share the cores."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env())
 
 
 def train(out_dir, dataset, nproc=1, configs=(), **overrides):
     """Run train.py and return its metrics.jsonl records."""
-    cmd = command(out_dir, dataset, nproc, configs=configs, **overrides)
-    r = run(cmd)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return train_all((out_dir, dataset, dict(nproc=nproc, configs=configs, **overrides)))[0]
 
 
 def train_all(*jobs):
     """Several train.py runs at once, as many as the cores take (a torchrun job counts its ranks): each job is
     (out_dir, dataset, overrides). Returns their metrics.jsonl records, in order. Independent runs of a test
     side by side: on 2 cores two one-process runs take about the time of one."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cores = os.cpu_count() or 1
+    room = (os.cpu_count() or 1) + 1  # processes running at once: one more than the cores
     pending, running, done = list(enumerate(jobs)), [], {}
     while pending or running:
-        busy = sum(nproc for _, nproc, _, _ in running)
-        if pending and (not running or busy + pending[0][1][2].get("nproc", 1) <= cores + 1):
+        nproc = pending[0][1][2].get("nproc", 1) if pending else 0
+        if pending and (not running or sum(n for _, n, _, _ in running) + nproc <= room):
             i, (out_dir, data, overrides) = pending.pop(0)
             cmd = command(out_dir, data, **overrides)
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            running.append((i, overrides.get("nproc", 1), cmd, proc))
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+            running.append((i, nproc, cmd, proc))
             continue
         i, _, cmd, proc = running.pop(0)
         out, _ = proc.communicate(timeout=300)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, _free_port, command, run, train
+from conftest import ROOT, _free_port, command, env, run, train
 
 pytestmark = pytest.mark.slow  # every test here runs train.py
 
@@ -247,7 +247,7 @@ def test_every_node_generates_its_synthetic_data(tmp_path):
                f"--out_dir={tmp_path / f'out{i}'}", "--synthetic_n=64", "--synthetic_max_len=512", "--bucket_size=512",
                "--batch_size=2", "--max_iters=2", "--checkpoint_interval=0", "--threads=1"]
         procs.append(subprocess.Popen(cmd, cwd=c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                                      env=env()))
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     for c in copies:
