@@ -71,24 +71,45 @@ def all_reduce_grads(params, world_size, meter=None):
         p.grad = g.view_as(p)
 
 
-def check_ranks_agree(it, idx, lengths, plan, world_size, device):
-    """Every rank computes the global batch and the plan on its own (no communication), so they must come
+def plan_figures(planned, lengths):
+    """What the log reports of this rank's plan: micro-batches, the fullest CP rank's tokens, roll-backs,
+    planning and waiting time (ms): a planner.Planned of a scheduler.RankPlan."""
+    mbs = planned.plan.microbatches
+    return [len(mbs), max((max(mb.rank_tokens(lengths)) for mb in mbs), default=0), sum(mb.rollbacks for mb in mbs),
+            round(planned.plan_ms, 3), round(planned.wait_ms, 3)]
+
+
+def check_ranks_agree(it, idx, lengths, planned, world_size, cp, device):
+    """Every rank computes the global batch and its plan on its own (no communication), so they must come
     out the same everywhere: if one node read a different dataset, profile JSON or numpy version, CP peers
-    would exchange mismatched buffers (a hang, or silently wrong gradients). One all-gather of two 64-bit
-    digests per step, called by every rank, catches it; on a mismatch every rank stops here."""
+    would exchange mismatched buffers (a hang, or silently wrong gradients). Every rank plans the DP split
+    and its own DP rank's micro-batches (a scheduler.RankPlan in planned.plan): all ranks must agree on the
+    batch and the split, and CP peers on their DP rank's micro-batches. One all-gather per step of three
+    64-bit digests and the plan's figures (plan_figures), called by every rank, checks it; on a mismatch
+    every rank stops here. Returns the step's figures over all ranks, for the log: micro-batches and the
+    fullest rank (max), roll-backs (sum over DP ranks), planning and waiting time (max: the step goes at
+    the pace of the slowest rank)."""
+    mine = plan_figures(planned, lengths)
     if world_size == 1:
-        return
+        return dict(zip(("n_microbatches", "peak_tokens_per_rank", "rollbacks", "plan_ms", "plan_wait_ms"), mine))
 
     def digest(obj):
         return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
-    mine = torch.tensor([digest((idx.tolist(), lengths)), digest([[(mb.distributed, mb.local) for mb in mbs] for mbs in plan])],
-                        dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
-    every = torch.stack(every).cpu()
-    for col, what in ((0, "global batch (sample indices and lengths): is every rank reading the same dataset?"),
-                      (1, "plan: do all ranks use the same --profile file, code and numpy version?")):
-        odd = [r for r in range(world_size) if every[r, col] != every[0, col]]
+    plan = planned.plan
+    row = torch.tensor([digest((idx.tolist(), lengths)), digest(plan.split),
+                        digest([(mb.distributed, mb.local) for mb in plan.microbatches]),
+                        *mine[:3], *(round(ms * 1e3) for ms in mine[3:])], dtype=torch.int64, device=device)
+    every = [torch.empty_like(row) for _ in range(world_size)]
+    dist.all_gather(every, row)
+    every = torch.stack(every).cpu().tolist()
+    for col, what in ((0, "with rank 0 on the global batch (sample indices and lengths): is every rank reading the same dataset?"),
+                      (1, "with rank 0 on the plan (the DP split): do all ranks use the same --profile file, code and numpy version?"),
+                      (2, "with their CP peers on the plan (their DP rank's micro-batches): do all ranks use the same "
+                          "--profile file, code and numpy version?")):
+        odd = [r for r in range(world_size) if every[r][col] != every[0 if col < 2 else r - r % cp][col]]
         if odd:
-            fail(f"iter {it + 1}: ranks {odd} disagree with rank 0 on the {what} Stopping every rank before "
-                 f"mismatched data is exchanged")
+            fail(f"iter {it + 1}: ranks {odd} disagree {what} Stopping every rank before mismatched data is exchanged")
+    firsts = every[::cp]  # one rank per DP rank: CP peers hold the same plan
+    return {"n_microbatches": max(r[3] for r in every), "peak_tokens_per_rank": max(r[4] for r in every),
+            "rollbacks": sum(r[5] for r in firsts), "plan_ms": max(r[6] for r in every) / 1e3,
+            "plan_wait_ms": max(r[7] for r in every) / 1e3}

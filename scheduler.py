@@ -5,13 +5,16 @@ top to bottom:
   2. CostModel                     FLOPs, and a rank's time in a micro-batch (rank_time), used by all below
   3. dacp                          Algorithm 1: local vs distributed per micro-batch, with roll-back
   4. gds_split, gds_microbatches   Algorithm 2: global batch -> DP ranks -> micro-batches
-  5. POLICIES, schedule            the baselines and Skrull by name; schedule() checks any policy's plan
+  5. POLICIES, schedule            the baselines and Skrull by name; schedule() checks any policy's plan, the
+                                   whole plan or one DP rank's (RankPlan: what a training rank needs)
 Ours (skrull_plus) is in skrull_plus.py, which registers it in POLICIES when imported; the simulator and
 the exact MILP optimum are in simulate.py.
 
 Pure Python + numpy: no torch, no torch.distributed. Every rank calls schedule() with the same
 lengths and gets the same plan (all ties broken by index, randomness only from `seed`).
 """
+import heapq
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -34,6 +37,16 @@ class MicroBatch:
         cp = len(self.local)
         d = sum(padded_len(lengths[k], cp) for k in self.distributed) // cp
         return [d + sum(lengths[k] for k in loc) for loc in self.local]
+
+
+@dataclass
+class RankPlan:
+    """One DP rank's part of a plan, what schedule(..., dp_rank=r) returns: the DP split, which every rank
+    computes and agrees on, and the micro-batches of DP rank r only, which its CP peers agree on. The
+    micro-batches are those of schedule(...)[r]; the rank skips the work of every other DP rank's."""
+    split: list         # dp sorted lists of indices into lengths: the sequences of each DP rank
+    dp_rank: int
+    microbatches: list  # DP rank dp_rank's MicroBatch list
 
 
 def padded_len(s, cp):
@@ -377,24 +390,32 @@ def dacp(idx, lengths, cp, bucket_size, cost=None, t_local=None):
 
 def local_times(lengths, cost):
     """CostModel.t_local of every sequence, computed once per global batch (GDS's estimates, DACP's L)."""
-    return [float(x) for x in cost.t_local(np.asarray(lengths, dtype=np.float64))]
+    return cost.t_local(np.asarray(lengths, dtype=np.float64)).tolist()
 
 
 def gds_split(lengths, dp, cp, bucket_size, cost, t_local):
     """Algorithm 2, first half: spread the global batch over DP ranks balancing estimated time, not
     tokens (longest-processing-time first: the costliest sequence goes to the least-loaded rank).
     A sequence's estimate is its share of its CP group's time: t_local/N if it can stay local, its
-    distributed time otherwise, plus its share of the micro-batch overhead (memory -> micro-batches)."""
+    distributed time otherwise, plus its share of the micro-batch overhead (memory -> micro-batches).
+    The least-loaded rank comes off a heap keyed (load, sequences so far, rank): O(n log dp), and the
+    same rank a scan for the smallest key finds (keys are distinct, since the rank is part of it)."""
     n = len(lengths)
     if dp == 1:
         return [list(range(n))]
-    est = [(t_local[k] / cp if lengths[k] <= bucket_size else cost.t_dist(lengths[k], cp))
-           + cost.c_mb * lengths[k] / (bucket_size * cp) for k in range(n)]
-    loads, ranks = [0.0] * dp, [[] for _ in range(dp)]
-    for k in sorted(range(n), key=lambda k: (-est[k], k)):
-        r = min(range(dp), key=lambda r: (loads[r], len(ranks[r]), r))
+    # numpy does each element's float operations in the same order as Python would: the same bits
+    lens = np.asarray(lengths, dtype=np.int64)
+    est = np.asarray(t_local, dtype=np.float64) / cp
+    for k in np.flatnonzero(lens > bucket_size).tolist():
+        est[k] = cost.t_dist(lengths[k], cp)
+    est += cost.c_mb * lens / (bucket_size * cp)
+    order = np.argsort(-est, kind="stable")  # costliest first, ties by index
+    ranks, replace = [[] for _ in range(dp)], heapq.heapreplace
+    heap = [(0.0, 0, r) for r in range(dp)]  # already a heap: sorted
+    for k, e in zip(order.tolist(), est[order].tolist()):
+        load, count, r = heap[0]
         ranks[r].append(k)
-        loads[r] += est[k]
+        replace(heap, (load + e, count + 1, r))
     return [sorted(r) for r in ranks]
 
 
@@ -425,6 +446,8 @@ def gds_microbatches(idx, lengths, cp, bucket_size, cost, t_local, m=None):
 # -----------------------------------------------------------------------------
 # 5. the policies, the registry, and schedule(). A policy is fn(lengths, *, dp, cp, bucket_size, cost,
 # seed) -> plan: one list of MicroBatch per DP rank, every sequence (an index into lengths) exactly once.
+# A policy that can plan one DP rank alone also takes dp_rank=None and, given one, returns a RankPlan
+# (plan_ranks builds either); schedule() takes the whole plan of any other and keeps that rank's part.
 
 
 def _split(idx, dp):
@@ -448,6 +471,14 @@ def _pack_in_order(idx, lengths, cp, bucket_size):
     return groups
 
 
+def plan_ranks(split, dp_rank, plan_one):
+    """A policy's plan from its DP split (dp lists of indices) and plan_one(indices) -> one DP rank's
+    micro-batches: every DP rank's (dp_rank None), or a RankPlan with dp_rank's alone."""
+    if dp_rank is None:
+        return [plan_one(idx) for idx in split]
+    return RankPlan(split, dp_rank, plan_one(split[dp_rank]))
+
+
 def all_distributed(group, cp):
     """One micro-batch with every sequence of group distributed (cp == 1: all local on the only rank)."""
     if cp == 1:
@@ -455,11 +486,11 @@ def all_distributed(group, cp):
     return MicroBatch(list(group), [[] for _ in range(cp)])
 
 
-def naive(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
+def naive(lengths, *, dp, cp, bucket_size, cost=None, seed=0, dp_rank=None):
     """DeepSpeed-style: each DP rank takes a contiguous slice, packs it in dataset order into
     micro-batches of at most cp*C tokens, every sequence distributed over the CP group."""
-    return [[all_distributed(g, cp) for g in _pack_in_order(idx, lengths, cp, bucket_size)]
-            for idx in _split(range(len(lengths)), dp)]
+    return plan_ranks(_split(range(len(lengths)), dp), dp_rank,
+                      lambda idx: [all_distributed(g, cp) for g in _pack_in_order(idx, lengths, cp, bucket_size)])
 
 
 def sorted_batching(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
@@ -475,26 +506,27 @@ def sorted_batching(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
     return plan
 
 
-def dacp_baseline(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
+def dacp_baseline(lengths, *, dp, cp, bucket_size, cost=None, seed=0, dp_rank=None):
     """naive's micro-batches, placed by DACP (Algorithm 1): the paper's first ablation step."""
     cost = cost or default_cost()
-    plan = []
-    for idx in _split(range(len(lengths)), dp):
+
+    def place(idx):
         mbs = []
         for g in _pack_in_order(idx, lengths, cp, bucket_size):
             mb, _ = dacp(g, lengths, cp, bucket_size, cost)
             mbs.append(mb if mb is not None else all_distributed(g, cp))  # g fits all-distributed
-        plan.append(mbs)
-    return plan
+        return mbs
+    return plan_ranks(_split(range(len(lengths)), dp), dp_rank, place)
 
 
-def skrull(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
+def skrull(lengths, *, dp, cp, bucket_size, cost=None, seed=0, dp_rank=None):
     """The paper: GDS (Algorithm 2: DP ranks balanced by estimated time, strided micro-batches) + DACP
-    (Algorithm 1), with only our documented fixes (roll-back accounting, padding)."""
+    (Algorithm 1), with only our documented fixes (roll-back accounting, padding). With dp_rank, only
+    that DP rank's micro-batches are formed (a RankPlan): the DP split is the only work for them all."""
     cost = cost or default_cost()
     t_local = local_times(lengths, cost)
-    return [gds_microbatches(idx, lengths, cp, bucket_size, cost, t_local)
-            for idx in gds_split(lengths, dp, cp, bucket_size, cost, t_local)]
+    return plan_ranks(gds_split(lengths, dp, cp, bucket_size, cost, t_local), dp_rank,
+                      lambda idx: gds_microbatches(idx, lengths, cp, bucket_size, cost, t_local))
 
 
 # name -> fn(lengths, *, dp, cp, bucket_size, cost, seed) returning a plan. A policy registers itself where
@@ -514,7 +546,11 @@ def _check_inputs(lengths, dp, cp, bucket_size, policy):
     lengths = [int(s) for s in lengths]
     if not lengths:
         raise ValueError("empty batch: no sequences to schedule")
-    for k, s in enumerate(lengths):
+    lens = np.asarray(lengths, dtype=np.int64)
+    share = -(-lens // (2 * cp)) * 2  # padded_len(s, cp) // cp
+    bad = np.flatnonzero((lens < 1) | ((lens > bucket_size) if cp == 1 else (share > bucket_size)))
+    for k in bad[:1].tolist():  # the first sequence that does not fit says why
+        s = lengths[k]
         if s < 1:
             raise ValueError(f"sequence {k} has length {s}; lengths must be >= 1")
         if cp == 1 and s > bucket_size:
@@ -530,44 +566,93 @@ def _check_inputs(lengths, dp, cp, bucket_size, policy):
 def _check_plan(plan, policy, lengths, dp, cp, bucket_size):
     """What every policy promises, checked in O(plan size): dp lists of non-empty MicroBatch with cp local
     lists (none distributed when cp == 1), every sequence exactly once, no CP rank over bucket_size."""
-    def wrong(what):
-        return ValueError(f"policy {policy!r}: {what}")
     if not isinstance(plan, (list, tuple)) or len(plan) != dp:
         got = len(plan) if isinstance(plan, (list, tuple)) else f"a {type(plan).__name__}, not a list of"
-        raise wrong(f"returned {got} DP ranks, expected dp={dp} (one list of MicroBatch per DP rank)")
-    seen = [0] * len(lengths)
-    for r, mbs in enumerate(plan):
-        for m, mb in enumerate(mbs):
-            where = f"DP rank {r}, micro-batch {m}"
-            if not isinstance(mb, MicroBatch) or len(mb.local) != cp or (cp == 1 and mb.distributed):
-                raise wrong(f"{where} is not a MicroBatch with cp={cp} local lists "
-                            f"(none distributed if cp == 1): {mb!r}")
-            held = [*mb.distributed, *(k for loc in mb.local for k in loc)]
-            if not held:
-                raise wrong(f"{where} is empty")
-            for k in held:
-                if not isinstance(k, (int, np.integer)) or not 0 <= k < len(lengths):
-                    raise wrong(f"{where} holds {k!r}, not an index into the {len(lengths)} lengths")
-                seen[k] += 1
-    for k, count in enumerate(seen):
-        if count != 1:
-            raise wrong(f"sequence {k} appears {count} times")
-    for r, mbs in enumerate(plan):
-        for m, mb in enumerate(mbs):
-            for j, tokens in enumerate(mb.rank_tokens(lengths)):
-                if tokens > bucket_size:
-                    raise wrong(f"DP rank {r}, micro-batch {m}, CP rank {j} holds {tokens} tokens (padded share "
-                                f"of the distributed + its local ones), over bucket_size={bucket_size}")
+        raise _wrong(policy, f"returned {got} DP ranks, expected dp={dp} (one list of MicroBatch per DP rank)")
+    _check_once([k for r, mbs in enumerate(plan) for k in _check_microbatches(mbs, r, policy, lengths, cp, bucket_size)],
+                policy, lengths)
 
 
-def schedule(lengths, *, dp, cp, bucket_size, policy="skrull", cost=None, seed=0):
+def _check_rank_plan(rp, dp_rank, policy, lengths, dp, cp, bucket_size):
+    """A RankPlan's promise: a DP split of dp lists holding every sequence exactly once, and DP rank
+    dp_rank's micro-batches holding exactly its part of the split, each as _check_plan checks them."""
+    if not isinstance(rp.split, (list, tuple)) or len(rp.split) != dp or rp.dp_rank != dp_rank:
+        raise _wrong(policy, f"returned a RankPlan for DP rank {rp.dp_rank!r} with a split of "
+                             f"{len(rp.split) if isinstance(rp.split, (list, tuple)) else rp.split!r} DP ranks, "
+                             f"expected DP rank {dp_rank} of dp={dp}")
+    _check_once([k for idx in rp.split for k in idx], policy, lengths, "the DP split")
+    held = _check_microbatches(rp.microbatches, dp_rank, policy, lengths, cp, bucket_size)
+    if sorted(held) != sorted(rp.split[dp_rank]):
+        raise _wrong(policy, f"DP rank {dp_rank}'s micro-batches do not hold exactly its sequences in the DP split")
+
+
+def _wrong(policy, what):
+    return ValueError(f"policy {policy!r}: {what}")
+
+
+def _check_microbatches(mbs, r, policy, lengths, cp, bucket_size):
+    """DP rank r's micro-batches: each a non-empty MicroBatch of cp local lists, no CP rank over the bucket.
+    Returns the indices they hold."""
+    out = []
+    for m, mb in enumerate(mbs):
+        where = f"DP rank {r}, micro-batch {m}"
+        if not isinstance(mb, MicroBatch) or len(mb.local) != cp or (cp == 1 and mb.distributed):
+            raise _wrong(policy, f"{where} is not a MicroBatch with cp={cp} local lists "
+                                 f"(none distributed if cp == 1): {mb!r}")
+        held = [*mb.distributed, *(k for loc in mb.local for k in loc)]
+        if not held:
+            raise _wrong(policy, f"{where} is empty")
+        for k in held:
+            if not isinstance(k, (int, np.integer)) or not 0 <= k < len(lengths):
+                raise _wrong(policy, f"{where} holds {k!r}, not an index into the {len(lengths)} lengths")
+        out += held
+    for m, mb in enumerate(mbs):
+        for j, tokens in enumerate(mb.rank_tokens(lengths)):
+            if tokens > bucket_size:
+                raise _wrong(policy, f"DP rank {r}, micro-batch {m}, CP rank {j} holds {tokens} tokens (padded share "
+                                     f"of the distributed + its local ones), over bucket_size={bucket_size}")
+    return out
+
+
+def _check_once(held, policy, lengths, where=""):
+    """Every sequence exactly once in held (counted by numpy; the first offender named as a loop would)."""
+    arr = np.asarray(held)
+    if len(held) and (arr.dtype.kind not in "iu" or arr.ndim != 1 or arr.min() < 0 or arr.max() >= len(lengths)):
+        k = next(k for k in held if not isinstance(k, (int, np.integer)) or not 0 <= k < len(lengths))
+        raise _wrong(policy, f"{where} holds {k!r}, not an index into the {len(lengths)} lengths")
+    counts = np.bincount(arr.astype(np.int64), minlength=len(lengths)) if len(held) else np.zeros(len(lengths), np.int64)
+    for k in np.flatnonzero(counts != 1)[:1].tolist():
+        raise _wrong(policy, f"sequence {k} appears {counts[k]} times" + (f" in {where}" if where else ""))
+
+
+def schedule(lengths, *, dp, cp, bucket_size, policy="skrull", cost=None, seed=0, dp_rank=None):
     """The plan for one global batch of sequence `lengths` (dp * batch_size of them, in dataset order): a
     list (one per DP rank) of lists of MicroBatch, made by POLICIES[policy] with `cost` (None:
     default_cost()) and `seed`. cp == 1: every sequence is local on the only rank (local[0]).
+    dp_rank=r: only what DP rank r runs, as a RankPlan (the DP split and schedule(...)[r]); a policy that
+    takes dp_rank skips the other DP ranks' micro-batch work, any other is run whole and cut.
     Raises ValueError for an empty batch, dp or cp < 1, bucket_size <= 0, an unknown policy, a sequence
     that cannot fit even distributed (longer than cp*C once padded), or a plan that breaks _check_plan."""
     lengths = _check_inputs(lengths, dp, cp, bucket_size, policy)
-    plan = POLICIES[policy](lengths, dp=dp, cp=cp, bucket_size=bucket_size,
-                            cost=cost if cost is not None else default_cost(), seed=seed)
+    fn, kw = POLICIES[policy], dict(dp=dp, cp=cp, bucket_size=bucket_size, cost=cost if cost is not None else default_cost(), seed=seed)
+    if dp_rank is None:
+        plan = fn(lengths, **kw)
+        _check_plan(plan, policy, lengths, dp, cp, bucket_size)
+        return plan
+    if not isinstance(dp_rank, (int, np.integer)) or isinstance(dp_rank, bool) or not 0 <= dp_rank < dp:
+        raise ValueError(f"dp_rank must be an integer in [0, dp={dp}), got {dp_rank!r}")
+    plan = fn(lengths, dp_rank=dp_rank, **kw) if _plans_one_rank(fn) else fn(lengths, **kw)
+    if isinstance(plan, RankPlan):
+        _check_rank_plan(plan, dp_rank, policy, lengths, dp, cp, bucket_size)
+        return plan
     _check_plan(plan, policy, lengths, dp, cp, bucket_size)
-    return plan
+    split = [sorted(k for mb in mbs for k in [*mb.distributed, *(k for loc in mb.local for k in loc)]) for mbs in plan]
+    return RankPlan(split, dp_rank, plan[dp_rank])
+
+
+def _plans_one_rank(fn):
+    """Whether the policy fn takes dp_rank (can plan one DP rank alone)."""
+    try:
+        return "dp_rank" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False

@@ -8,17 +8,22 @@ micro-batch; never predicted slower than skrull, since the paper's plan is one o
   ideal_step_time   a lower bound on any plan's step time (the simulator's "possible" column)
   refine            inside one micro-batch: move, distribute or keep whole one sequence at a time
   balance_dp        across DP ranks: move local sequences from the slowest DP rank to the fastest
-  skrull_plus       the policy: per DP rank the best of a few candidates, refined; then balanced, and
-                    compared with naive's plan
+  skrull_plus       the policy: per DP rank the best of a few candidates, refined; then, up to
+                    PLUS_GLOBAL_DP DP ranks, balanced and compared with naive's plan
 Importing this file registers the policy: scheduler.POLICIES["skrull_plus"], as any policy of your own.
 """
 import math
 from collections import namedtuple
 
 from scheduler import (POLICIES, MicroBatch, all_distributed, default_cost, gds_microbatches, gds_split, local_times,
-                       naive, padded_len)
+                       naive, padded_len, plan_ranks)
 
 PLUS_EXTRA_MB = 1  # skrull_plus tries m0 and m0 + 1 micro-batches per DP rank (more: slower, rarely better)
+# The steps across DP ranks (balance_dp, the comparison with naive) need every DP rank's plan, so every rank
+# would plan them all. Up to this many DP ranks they run (each rank plans at most 8 DP ranks' micro-batches);
+# beyond it each DP rank's plan is its own, and a rank plans only its own (docs/how_it_works.md, section 7:
+# in the simulator they lower the step time by 1.1% at dp 4, 0.3-0.4% at dp 16 and nothing at dp 64).
+PLUS_GLOBAL_DP = 8
 
 # -----------------------------------------------------------------------------
 # bounds
@@ -332,34 +337,40 @@ class _DPSearch:
 # the policy
 
 
-def skrull_plus(lengths, *, dp, cp, bucket_size, cost=None, seed=0):
-    """The policy. Per DP rank of Algorithm 2's split: Algorithm 2's strided micro-batches for m0 and
-    m0 + 1 micro-batches (the paper takes the fewest that fit), each placed by Algorithm 1 or with every
-    sequence distributed, plus the best count's Algorithm 1 placement refined; the rank keeps the
-    fastest (CostModel.dp_rank_time), and the paper's plan is among them. Then balance_dp, and last the
-    whole plan against naive's, which wins on some bimodal batches."""
+def skrull_plus(lengths, *, dp, cp, bucket_size, cost=None, seed=0, dp_rank=None):
+    """The policy. Per DP rank of Algorithm 2's split (plus_rank): Algorithm 2's strided micro-batches for m0
+    and m0 + 1 micro-batches, each placed by Algorithm 1 or with every sequence distributed, plus the best
+    count's Algorithm 1 placement refined; the rank keeps the fastest (CostModel.dp_rank_time), and the
+    paper's plan is among them. Then, for dp <= PLUS_GLOBAL_DP, balance_dp, and last the whole plan against
+    naive's, which wins on some bimodal batches. With dp_rank and dp > PLUS_GLOBAL_DP, only that DP rank's
+    micro-batches are planned (a RankPlan); below, the whole plan (schedule() keeps that rank's part)."""
     cost = cost or default_cost()
     t_local = local_times(lengths, cost)
-    plan = []
-    for idx in gds_split(lengths, dp, cp, bucket_size, cost, t_local):
-        tried = []  # per micro-batch count: (DACP placement, its time), (all distributed, its time)
-        m0 = max(1, math.ceil(sum(lengths[k] for k in idx) / (bucket_size * cp)))
-        for m in range(m0, m0 + PLUS_EXTRA_MB + 1):
-            mbs = gds_microbatches(idx, lengths, cp, bucket_size, cost, t_local, m)
-            if tried and len(mbs) == len(tried[-1][0][0]):
-                continue
-            # the same micro-batches with every sequence distributed, where that fits (padding can push
-            # a micro-batch of many short sequences over cp*C)
-            spread = [all_distributed(sorted(mb.distributed + sum(mb.local, [])), cp) for mb in mbs]
-            fits = all(sum(padded_len(lengths[k], cp) for k in mb.distributed) <= cp * bucket_size for mb in spread)
-            tried.append(((mbs, cost.dp_rank_time(mbs, lengths)), (spread, cost.dp_rank_time(spread, lengths) if fits else math.inf)))
-        (mbs, _), _ = min(tried, key=lambda pair: min(pair[0][1], pair[1][1]))
-        refined = [refine(mb, lengths, bucket_size, cost) for mb in mbs]
-        cands = [c for pair in tried for c in pair] + [(refined, cost.dp_rank_time(refined, lengths))]
-        plan.append(min(cands, key=lambda c: c[1])[0])  # ties: the first tried
-    plan = balance_dp(plan, lengths, bucket_size, cost)
+    split = gds_split(lengths, dp, cp, bucket_size, cost, t_local)
+    if dp > PLUS_GLOBAL_DP:
+        return plan_ranks(split, dp_rank, lambda idx: plus_rank(idx, lengths, cp, bucket_size, cost, t_local))
+    plan = balance_dp([plus_rank(idx, lengths, cp, bucket_size, cost, t_local) for idx in split], lengths, bucket_size, cost)
     baseline = naive(lengths, dp=dp, cp=cp, bucket_size=bucket_size)
     return min((plan, baseline), key=lambda p: cost.predict_step_time(p, lengths))
+
+
+def plus_rank(idx, lengths, cp, bucket_size, cost, t_local):
+    """One DP rank's micro-batches for the sequences idx: the fastest of skrull_plus's candidates."""
+    tried = []  # per micro-batch count: (DACP placement, its time), (all distributed, its time)
+    m0 = max(1, math.ceil(sum(lengths[k] for k in idx) / (bucket_size * cp)))
+    for m in range(m0, m0 + PLUS_EXTRA_MB + 1):
+        mbs = gds_microbatches(idx, lengths, cp, bucket_size, cost, t_local, m)
+        if tried and len(mbs) == len(tried[-1][0][0]):
+            continue
+        # the same micro-batches with every sequence distributed, where that fits (padding can push
+        # a micro-batch of many short sequences over cp*C)
+        spread = [all_distributed(sorted(mb.distributed + sum(mb.local, [])), cp) for mb in mbs]
+        fits = all(sum(padded_len(lengths[k], cp) for k in mb.distributed) <= cp * bucket_size for mb in spread)
+        tried.append(((mbs, cost.dp_rank_time(mbs, lengths)), (spread, cost.dp_rank_time(spread, lengths) if fits else math.inf)))
+    (mbs, _), _ = min(tried, key=lambda pair: min(pair[0][1], pair[1][1]))
+    refined = [refine(mb, lengths, bucket_size, cost) for mb in mbs]
+    cands = [c for pair in tried for c in pair] + [(refined, cost.dp_rank_time(refined, lengths))]
+    return min(cands, key=lambda c: c[1])[0]  # ties: the first tried
 
 
 POLICIES["skrull_plus"] = skrull_plus

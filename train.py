@@ -55,6 +55,7 @@ schedule = "skrull"  # one of scheduler.POLICIES: naive | sorted | dacp | skrull
 bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; 0 -> from `profile`
 profile = None  # path to a profile JSON from `python calibrate.py` (cost constants, bucket_size)
 batch_size = 8  # sequences per DP rank per optimizer step
+plan_ahead = True  # plan the next step and the held-out batches in a planner process while this step runs (planner.py)
 # optimizer
 max_iters = 200  # 0 writes the initial weights as the checkpoint (to measure a model before training)
 learning_rate = 1e-3  # peak learning rate, after warmup
@@ -92,6 +93,7 @@ import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLI
 from memory import MemoryModel, StateMeter  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402
+from planner import Planner  # noqa: E402
 from preflight import fail  # noqa: E402
 
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
@@ -231,6 +233,9 @@ if dry_run:  # the first 5 global batches (or fewer), as training draws them
                                bucket_size=bucket_size, policy=schedule, seed=seed, cost=cost, mem=mem,
                                model_name=model_preset if init_from == "scratch" else init_from, dataset=dataset))
 
+# each global batch's plan for this rank (the DP split and its DP rank's micro-batches), made one step ahead
+planner = Planner(partial(scheduler.schedule, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, dp_rank=dp_rank), plan_ahead)
+
 # -----------------------------------------------------------------------------
 # model, optimizer
 
@@ -287,13 +292,13 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def plan_batch(it, idx, plan_seed):
-    """(lengths, plan) of the global batch `idx` (dataset indices, the same on every rank), checked to be
-    the same on every rank."""
+def plan_batch(it, key, idx, plan_seed, plan_cost, keep=False):
+    """(lengths, planner.Planned, the plan's figures for the log) of the global batch `idx` (dataset indices,
+    the same on every rank): the plan submitted as `key` (else made now under plan_cost), checked to be the
+    same on every rank."""
     lengths = [int(ds.lengths[i]) for i in idx]
-    plan = scheduler.schedule(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, cost=cost, seed=plan_seed)
-    check_ranks_agree(it, idx, lengths, plan, world_size, device)
-    return lengths, plan
+    planned = planner.take(key, lengths, plan_seed, plan_cost, keep)
+    return lengths, planned, check_ranks_agree(it, idx, lengths, planned, world_size, cp, device)
 
 
 def run_batch(idx, plan, train):
@@ -306,7 +311,7 @@ def run_batch(idx, plan, train):
     n_targets = sum(int(ds.get(int(i))[1][1:].sum()) for i in idx)
     denom = max(n_targets, 1)
     loss_sum = torch.zeros((), device=device)
-    mbs = plan[dp_rank]
+    mbs = plan.microbatches  # a scheduler.RankPlan: this DP rank's part
     for i, mb in enumerate(mbs):  # micro-batch counts may differ between DP ranks: no collective inside
         last = train and i == len(mbs) - 1
         if fsdp and train:  # accumulate unsharded gradients; reduce-scatter them and reshard only after the last
@@ -332,16 +337,17 @@ def run_batch(idx, plan, train):
 
 
 @torch.no_grad()
-def evaluate(it):
-    """Loss per target token over the held-out batches. Every rank runs every batch: the ring's P2P inside
-    a CP group and the all-reduce below are collectives, so nanoGPT's rank-0-only eval would deadlock.
-    Under FSDP2 the parameters are gathered once around them, as in a training step."""
+def evaluate(it, plan_cost):
+    """Loss per target token over the held-out batches, planned under plan_cost (the constants that planned
+    step it). Every rank runs every batch: the ring's P2P inside a CP group and the all-reduce below are
+    collectives, so nanoGPT's rank-0-only eval would deadlock. Under FSDP2 the parameters are gathered once
+    around them, as in a training step."""
     if fsdp:
         unshard_all(raw_model)
     total, count = torch.zeros((), device=device), 0
     for b, idx in enumerate(eval_sets):
-        _, plan = plan_batch(it, idx, seed + b)
-        loss_sum, n_targets = run_batch(idx, plan, train=False)
+        _, planned, _ = plan_batch(it, ("eval", b), idx, seed + b, plan_cost, keep=True)
+        loss_sum, n_targets = run_batch(idx, planned.plan, train=False)
         total += loss_sum
         count += n_targets
     if fsdp:
@@ -374,7 +380,17 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         meter.start()
     if fsdp:  # the step's all-gathers, the same on every rank (parallelize explains the invariant)
         unshard_all(raw_model)
-    lengths, plan = plan_batch(it, idx, seed + it)
+    lengths, planned, figures = plan_batch(it, it, idx, seed + it, cost)
+    last = it + 1 == max_iters
+    eval_now = bool(eval_sets and eval_interval and ((it + 1) % eval_interval == 0 or last))
+    # plan ahead while this step runs (planner.py): the held-out batches evaluated after it, under the
+    # constants that planned it; then the next step, under the constants in force now
+    for b, eval_idx in enumerate(eval_sets if eval_now else []):
+        planner.submit(("eval", b), [int(ds.lengths[i]) for i in eval_idx], seed + b, planned.cost)
+    if not last:
+        nxt = train_ids[global_batch(len(train_ids), n_global, it + 1, seed)]
+        planner.submit(it + 1, [int(ds.lengths[i]) for i in nxt], seed + it + 1, cost)
+    plan = planned.plan
     loss_sum, n_targets = run_batch(idx, plan, train=True)
     if not fsdp:
         all_reduce_grads(list(trainable.values()), world_size, meter)
@@ -403,22 +419,20 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
 
     dt = time.time() - t0  # the step alone: evaluation is not counted in dt or tok/s
     dts.append(dt)
-    last = it + 1 == max_iters
-    eval_loss = evaluate(it) if eval_sets and eval_interval and ((it + 1) % eval_interval == 0 or last) else None
+    eval_loss = evaluate(it, planned.cost) if eval_now else None
     if master:
         tokens = sum(lengths)
-        peak = max(max(mb.rank_tokens(lengths)) for mbs in plan for mb in mbs)  # padded share + local tokens
+        peak = figures["peak_tokens_per_rank"]  # padded share + local tokens
         rec = {"iter": it + 1, "loss": round(loss_val, 6), "tokens": tokens, "targets": n_targets,
                "grad_norm": round(grad_norm, 6), "dt_ms": round(dt * 1e3, 2), "tok_per_s": round(tokens / dt, 1),
-               "n_microbatches": max(len(m) for m in plan), "peak_tokens_per_rank": peak,
-               "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
+               **figures, "lr": lr}  # figures: n_microbatches, peak_tokens_per_rank, rollbacks, plan_ms, plan_wait_ms
         if eval_loss is not None:
             rec["eval_loss"] = round(eval_loss, 6)
         if measure:
             rec.update(state)
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
-            rec["predicted_memory"] = int(mem.peak(max(mb.rank_tokens(lengths)[cp_rank] for mb in plan[dp_rank])))
+            rec["predicted_memory"] = int(mem.peak(max(mb.rank_tokens(lengths)[cp_rank] for mb in plan.microbatches)))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:

@@ -192,12 +192,19 @@ def _perturbing_wrapper(tmp_path, what):
     """A train.py launcher that makes rank 1 compute a different plan or batch than the others."""
     path = tmp_path / f"perturb_{what}.py"
     patch = {
+        # train.py plans one DP rank (a scheduler.RankPlan): rank 1's micro-batches, or its DP split, differ
         "plan": "import scheduler\n"
                 "orig = scheduler.schedule\n"
                 "def schedule(*a, **k):\n"
                 "    plan = orig(*a, **k)\n"
-                "    return [plan[0] + plan[0][:1]] + plan[1:]\n"
+                "    return scheduler.RankPlan(plan.split, plan.dp_rank, plan.microbatches + plan.microbatches[:1])\n"
                 "scheduler.schedule = schedule\n",
+        "split": "import scheduler\n"
+                 "orig = scheduler.schedule\n"
+                 "def schedule(*a, **k):\n"
+                 "    plan = orig(*a, **k)\n"
+                 "    return scheduler.RankPlan([s + s[:1] for s in plan.split], plan.dp_rank, plan.microbatches)\n"
+                 "scheduler.schedule = schedule\n",
         "batch": "import data.prepare as prep\n"
                  "orig = prep.global_batch\n"
                  "prep.global_batch = lambda *a: orig(*a)[::-1].copy()\n",
@@ -212,7 +219,8 @@ def _perturbing_wrapper(tmp_path, what):
 
 
 def test_ranks_that_disagree_stop_together(tmp_path, dataset):
-    for what, words in [("plan", ["ranks [1] disagree with rank 0 on the plan"]),
+    for what, words in [("plan", ["ranks [1] disagree with their CP peers on the plan"]),
+                        ("split", ["ranks [1] disagree with rank 0 on the plan (the DP split)"]),
                         ("batch", ["ranks [1] disagree with rank 0 on the global batch"])]:
         cmd = command(tmp_path / what, dataset, nproc=2, script=_perturbing_wrapper(tmp_path, what), cp=2, max_iters=2)
         r = run(cmd, timeout=120)
