@@ -543,7 +543,8 @@ def _check_inputs(lengths, dp, cp, bucket_size, policy):
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)} (a policy is registered "
                          f"when the file that defines it is imported: `import skrull_plus` for ours)")
-    lengths = [int(s) for s in lengths]
+    lens = np.asarray(lengths)
+    lengths = lens.tolist() if lens.dtype.kind in "iu" and lens.ndim == 1 else [int(s) for s in lengths]
     if not lengths:
         raise ValueError("empty batch: no sequences to schedule")
     lens = np.asarray(lengths, dtype=np.int64)

@@ -115,7 +115,7 @@ def table(args):
     if args.baseline:
         worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", os.path.abspath(args.baseline)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=args.baseline,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     print(f"# python -m bench.plan {' '.join(sys.argv[1:])}")
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPU cores, load average "
           f"{os.getloadavg()[0]:.1f} at the start; CPU ms per step, median [min-max]")

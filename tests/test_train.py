@@ -1,7 +1,7 @@
 """
 End-to-end tests of train.py, run as a user runs it (python / torchrun, gloo on CPU):
 - the loss falls on the default synthetic data;
-- a resumed run reproduces the uninterrupted run's losses exactly, also with another cp and schedule;
+- a resumed run reproduces the uninterrupted run's losses (and plans) exactly, also with another cp and schedule;
 - the schedule never changes what is computed: per-step losses and the first step's gradients are equal
   for naive vs skrull vs skrull_plus, for different bucket sizes (micro-batch splits), and for cp = 1, 2 and 4,
   and so are the held-out eval losses, and a LoRA run's losses and adapter gradients;
@@ -56,7 +56,8 @@ def test_loss_falls_and_metrics_and_export(tmp_path, dataset):
     m = train(run, dataset, max_iters=12, learning_rate=3e-3, lr_decay_iters=12, checkpoint_interval=100, export=True,
               **{**EVAL, "eval_interval": 5})
     assert [r["iter"] for r in m] == list(range(1, 13))  # 1-based, like the console's "iter 1/12"
-    for key in ("iter", "loss", "tokens", "dt_ms", "tok_per_s", "n_microbatches", "peak_tokens_per_rank"):
+    for key in ("iter", "loss", "tokens", "dt_ms", "tok_per_s", "n_microbatches", "peak_tokens_per_rank", "plan_ms",
+                "plan_wait_ms"):
         assert key in m[0], key
     assert all(r["peak_tokens_per_rank"] <= 512 for r in m)
     first, last = sum(r["loss"] for r in m[:2]) / 2, sum(r["loss"] for r in m[-2:]) / 2
@@ -103,6 +104,8 @@ def test_resume_is_exact(tmp_path, dataset):
                                                                   init_from="resume", **EVAL)))
     assert [r["iter"] for r in resumed] == list(range(1, 7))  # history kept, no duplicates
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bitwise: same data order, same state
+    figures = ("n_microbatches", "peak_tokens_per_rank", "rollbacks")  # the resumed run plans as the uninterrupted one
+    assert [[r[k] for k in figures] for r in resumed] == [[r[k] for k in figures] for r in full]
     assert [r.get("eval_loss") for r in resumed[3:]] == [r.get("eval_loss") for r in full[3:]]
     assert_same_run(full, other, extra_evals_in_b=True)
 
