@@ -4,8 +4,9 @@ the seed and the cost model's constants, all known before the step (data.prepare
 function of the step), so a planner process makes the next step's plan, and the held-out batches', while
 the current step runs; the step then only takes it, and waits only if planning is slower than a step.
 
-    planner = Planner(partial(scheduler.schedule, dp=..., cp=..., bucket_size=..., policy=..., dp_rank=...))
-    planner.submit(key, lengths, seed, cost)       # returns at once
+    planner = Planner()                              # forks the planner process: early, before sockets and CUDA
+    planner.plan_kwargs = dict(dp=..., cp=..., bucket_size=..., policy=..., dp_rank=...)  # scheduler.schedule's
+    planner.submit(key, lengths, seed, cost)         # returns at once
     planned = planner.take(key, lengths, seed, cost)   # .plan, .cost, .plan_ms, .wait_ms
 
 Which constants plan which step: every request carries the CostModel to plan with, and the caller decides.
@@ -20,8 +21,10 @@ the GIL while its kernel runs and takes it back after, and while a thread holds 
 sys.getswitchinterval() (5 ms) each time: measured here, a loop of small CPU ops ran 2-3x slower while a
 thread planned (docs/results.md, "Planning ahead"), the convoy effect. A process plans on another core
 and costs the loop one pickled request and one pickled RankPlan per plan. It is forked (the loop's modules,
-registered policies and their code are already there; spawn would rerun train.py, which has no main guard)
-and runs only scheduler code: no torch, no CUDA, no process group, as with DataLoader's workers. It ignores
+registered policies and their code are already there; spawn would rerun train.py, which has no main guard),
+before train.py starts the process group, touches CUDA or opens the data, so it holds none of their sockets,
+state or files, and it runs only scheduler code: scheduler.schedule and the policies registered before the
+fork, looked up there by name (each request carries the policy's name and arguments). It ignores
 SIGINT and takes SIGTERM's default action, so the trainer's signal handlers never run in it, and exits
 within a second once its parent is gone.
 """
@@ -33,26 +36,28 @@ import signal
 import time
 from dataclasses import dataclass, replace
 
+import scheduler
+
 
 @dataclass
 class Planned:
-    plan: object          # what plan_fn returned (train.py: a scheduler.RankPlan)
+    plan: object          # what scheduler.schedule returned (train.py: a scheduler.RankPlan)
     cost: object          # the CostModel that planned it
     plan_ms: float        # CPU time of the planning, ms (the planner's own time, whatever the machine's load)
     wait_ms: float = 0.0  # how long take() waited for it, ms
 
 
-def _plan(plan_fn, lengths, seed, cost):
-    """(plan or the exception it raised, CPU ms)."""
+def _plan(plan_kwargs, lengths, seed, cost):
+    """(scheduler.schedule's plan or the exception it raised, CPU ms)."""
     t0 = time.thread_time()
     try:
-        plan = plan_fn(lengths, seed=seed, cost=cost)
+        plan = scheduler.schedule(lengths, seed=seed, cost=cost, **plan_kwargs)
     except Exception as e:  # raised again where the plan is taken
         plan = e
     return plan, (time.thread_time() - t0) * 1e3
 
 
-def _serve(plan_fn, requests, results, parent):
+def _serve(requests, results, parent):
     """The planner process: plan each request, in order, until told to stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler (preemption checkpoints)
@@ -65,22 +70,22 @@ def _serve(plan_fn, requests, results, parent):
             continue
         if request is None:
             return
-        rid, key, lengths, seed, cost = request
-        plan, ms = _plan(plan_fn, lengths, seed, cost)
+        rid, key, plan_kwargs, lengths, seed, cost = pickle.loads(request)
+        plan, ms = _plan(plan_kwargs, lengths, seed, cost)
         try:
-            pickle.dumps(plan)
-        except Exception as e:  # an exception that does not pickle: its text
-            plan = RuntimeError(f"{type(plan).__name__}: {plan} (while planning; pickling it failed: {e})")
-        results.put((rid, key, plan, ms))
+            blob = pickle.dumps(plan)
+        except Exception as e:  # e.g. an exception that does not pickle: its text
+            blob = pickle.dumps(RuntimeError(f"{type(plan).__name__}: {plan} (while planning; pickling it failed: {e})"))
+        results.put((rid, key, blob, ms))
 
 
 class Planner:
-    """Plans requests in order in a forked process (ahead=True, where fork exists), or in take() itself
-    (ahead=False: synchronous, the wait is the planning). plan_fn(lengths, seed=, cost=) -> plan; with
-    ahead, plan_fn and what it returns must pickle (a module function or a partial of one)."""
+    """Plans requests in order, scheduler.schedule(lengths, seed=, cost=, **plan_kwargs), in a forked process
+    (ahead=True, where fork exists), or in take() itself (ahead=False: synchronous, the wait is the planning).
+    Set plan_kwargs before the first request."""
 
-    def __init__(self, plan_fn, ahead=True):
-        self.plan_fn, self._ids = plan_fn, 0
+    def __init__(self, plan_kwargs=None, ahead=True):
+        self.plan_kwargs, self._ids = plan_kwargs, 0
         self._wanted = {}  # key -> (request id, cost) of its newest request
         self._done = {}    # key -> Planned of that request
         self._proc = None
@@ -88,7 +93,7 @@ class Planner:
             ctx = mp.get_context("fork")
             self._requests, self._results = ctx.Queue(), ctx.Queue()
             self._requests.cancel_join_thread()  # exiting never waits on a request the process will not read
-            self._proc = ctx.Process(target=_serve, args=(plan_fn, self._requests, self._results, os.getpid()),
+            self._proc = ctx.Process(target=_serve, args=(self._requests, self._results, os.getpid()),
                                      name="planner", daemon=True)
             self._proc.start()
 
@@ -101,7 +106,8 @@ class Planner:
         self._wanted[key] = (self._ids, cost)
         self._done.pop(key, None)
         if self._proc is not None:
-            self._requests.put((self._ids, key, lengths, seed, cost))
+            # pickled here, so that what does not pickle raises here, not in the queue's feeder thread
+            self._requests.put(pickle.dumps((self._ids, key, self.plan_kwargs, lengths, seed, cost)))
 
     def take(self, key, lengths, seed, cost, keep=False):
         """The Planned of key: as submitted earlier (with the cost given then), else planned now under `cost`.
@@ -112,7 +118,7 @@ class Planner:
         while key not in self._done:
             if self._proc is None:
                 rid, c = self._wanted[key]
-                plan, ms = _plan(self.plan_fn, lengths, seed, c)
+                plan, ms = _plan(self.plan_kwargs, lengths, seed, c)
                 self._done[key] = Planned(plan, c, ms)
             else:
                 self._receive()
@@ -126,13 +132,13 @@ class Planner:
     def _receive(self):
         """One answer from the process, kept if it answers the newest request of its key."""
         try:
-            rid, key, plan, ms = self._results.get(timeout=1.0)
+            rid, key, blob, ms = self._results.get(timeout=1.0)
         except queue.Empty:
             if not self._proc.is_alive():
                 raise RuntimeError(f"the planner process exited (code {self._proc.exitcode}) with plans outstanding")
             return
         if key in self._wanted and self._wanted[key][0] == rid:
-            self._done[key] = Planned(plan, self._wanted[key][1], ms)
+            self._done[key] = Planned(pickle.loads(blob), self._wanted[key][1], ms)
 
     def close(self):
         """Stop the process (it also stops by itself once its parent is gone)."""

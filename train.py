@@ -103,6 +103,8 @@ meta_ckpt = preflight.validate_config(config, world_size, ddp)  # before anythin
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if fsdp is None:  # on with CUDA under torchrun (or when planning for it); off on CPU (see `fsdp` above)
     fsdp = device_type == "cuda" and (ddp or dry_run)
+# the planner process (planner.py) is forked here, before any socket, CUDA context or data file exists
+planner = Planner(ahead=plan_ahead and not dry_run)
 
 # distributed: world = dp x cp on a DeviceMesh ("dp", "cp"). The mesh is row-major, so CP groups are runs of
 # consecutive ranks and a ring stays inside a node. The dry run starts no process group: it only plans.
@@ -234,7 +236,7 @@ if dry_run:  # the first 5 global batches (or fewer), as training draws them
                                model_name=model_preset if init_from == "scratch" else init_from, dataset=dataset))
 
 # each global batch's plan for this rank (the DP split and its DP rank's micro-batches), made one step ahead
-planner = Planner(partial(scheduler.schedule, dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, dp_rank=dp_rank), plan_ahead)
+planner.plan_kwargs = dict(dp=dp, cp=cp, bucket_size=bucket_size, policy=schedule, dp_rank=dp_rank)  # scheduler.schedule's
 
 # -----------------------------------------------------------------------------
 # model, optimizer

@@ -72,8 +72,7 @@ def measure_after(lengths, dp, policy, repeats, planner_rt):
 def planner_round_trip(lengths, kw):
     """ms to take a plan the planner process has already made (pickled RankPlan through a queue)."""
     from planner import Planner
-    from scheduler import schedule
-    p = Planner(partial(schedule, dp_rank=kw["dp"] - 1, **kw))
+    p = Planner(dict(dp_rank=kw["dp"] - 1, **{k: v for k, v in kw.items() if k != "cost"}))
     try:
         p.submit(0, lengths, 0, kw["cost"])
         while p._results.empty():  # let it finish planning: the step would be running meanwhile
@@ -163,7 +162,8 @@ def interference(reps=5):
     import skrull_plus  # noqa: F401
     torch.set_num_threads(1)
     lengths = batches(32, 1)["lmsys"][0]
-    fn = partial(schedule, dp=4, cp=CP, bucket_size=C, policy="skrull_plus", dp_rank=0)
+    kw = dict(dp=4, cp=CP, bucket_size=C, policy="skrull_plus", dp_rank=0)
+    fn = partial(schedule, **kw)
     cost = CostModel("qwen2.5-0.5b")
     x = torch.randn(64, 64)
 
@@ -187,7 +187,7 @@ def interference(reps=5):
     runs = {"alone": [loop() for _ in range(reps)]}
     th = threading.Thread(target=planning_thread)
     runs["beside a planning thread"] = beside(lambda: (busy.set(), th.start()), lambda: (busy.clear(), th.join()))
-    p = Planner(fn)
+    p = Planner(kw)
     flood = lambda: [p.submit(k, lengths, 0, cost) for k in range(200)]  # noqa: E731  more than the loop lasts
     runs["beside the planner process"] = beside(flood, p._proc.kill)
     print(f"# interference: {reps} runs of 2000 small torch ops (64x64 matmul + tanh, 1 thread), ms, median "

@@ -108,8 +108,9 @@ def test_planner_plans_ahead_as_synchronous_planning():
     evals = [[int(x) for x in sample_lengths("lmsys", 16, rng, max_len=4096, min_len=1)] for _ in range(2)]
     new = CostModel.from_profile(None, PROFILE)
     costs = [COSTS["default"]] * 3 + [new] * 3  # a calibration after step 2 swaps in `new`
-    fn = partial(schedule, dp=2, cp=2, bucket_size=2048, policy="skrull_plus", dp_rank=1)
-    ahead, again, sync = Planner(fn, ahead=True), Planner(fn, ahead=True), Planner(fn, ahead=False)
+    kw = dict(dp=2, cp=2, bucket_size=2048, policy="skrull_plus", dp_rank=1)
+    fn = partial(schedule, **kw)
+    ahead, again, sync = Planner(kw, ahead=True), Planner(kw, ahead=True), Planner(kw, ahead=False)
     try:
         got, want = run_loop(ahead, batches, 0, 6, costs, evals), run_loop(sync, batches, 0, 6, costs, evals)
         resumed = run_loop(again, batches, 3, 6, costs, evals)
@@ -124,7 +125,7 @@ def test_planner_plans_ahead_as_synchronous_planning():
 
 
 def test_planner_raises_what_planning_raised():
-    planner = Planner(partial(schedule, dp=1, cp=2, bucket_size=10, policy="skrull", dp_rank=0))
+    planner = Planner(dict(dp=1, cp=2, bucket_size=10, policy="skrull", dp_rank=0))
     try:
         planner.submit(0, [500], 0, None)
         with pytest.raises(ValueError, match="cannot fit even when distributed"):
