@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import LLAMA3_SPECIALS, ROOT, tokenizer_dir
 from data.prepare import DataError, encode_chat, get_tokenizer, load_dataset, prepare
 from data.synthetic import MIN_LEN, TABLE1, THRESHOLDS, make_synthetic, sample_lengths, scale_ref
 
@@ -126,38 +126,12 @@ def test_llama3_chat_format(tmp_path):
     assert listing(tmp_path) == ["out", "s.jsonl"]
 
 
-# Llama 3's pre-tokenizer split (its tokenizer.json), before the byte-level mapping
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _tokenizer_dir(path, specials, config=None):
-    """A checkpoint directory with a tiny BPE tokenizer.json, pre-tokenized as Llama 3's is (built here, no
-    download)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(["hello world, be brief", "2+2? 4 hi there", "Add. the user said\n\n"] * 10,
-                          trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    path.mkdir()
-    t.save(str(path / "tokenizer.json"))
-    if config:
-        (path / "config.json").write_text(json.dumps(config))
-    return str(path), t
-
-
 def test_llama3_tokenizer_dir(tmp_path):
     """A Llama 3 checkpoint's tokenizer (its special tokens) selects the llama3 format; the ids equal the
     tokenizer applied to the text Meta's chat template renders, so the separate encoding of header, content
     and end of turn loses nothing."""
     import jinja2
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                "<|finetune_right_pad_id|>"]
-    ckpt, hf = _tokenizer_dir(tmp_path / "llama", specials, {"vocab_size": 320})
+    ckpt, hf = tokenizer_dir(tmp_path / "llama", LLAMA3_SPECIALS, {"vocab_size": 320})
     src = write_jsonl(tmp_path / "s.jsonl", [SHAREGPT, ALPACA])
     ds = load_dataset(prepare(src, tmp_path / "out", tokenizer=ckpt, verbose=False))
     tok = get_tokenizer(ckpt)
@@ -174,7 +148,7 @@ def test_llama3_tokenizer_dir(tmp_path):
     text = template.render(messages=[{"role": "user", "content": "hi"}], bos_token="<|begin_of_text|>",
                            add_generation_prompt=True)
     assert chat_prompt(tok, "hi") == hf.encode(text, add_special_tokens=False).ids
-    ckpt, _ = _tokenizer_dir(tmp_path / "plain", ["<|endoftext|>"])
+    ckpt, _ = tokenizer_dir(tmp_path / "plain", ["<|endoftext|>"])
     with pytest.raises(RuntimeError, match="no supported chat format"):
         get_tokenizer(ckpt)
 
