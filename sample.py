@@ -119,7 +119,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--out_dir", help="a train.py out_dir (reads ckpt.safetensors and the dataset's tokenizer)")
-    src.add_argument("--hf_dir", help="a Hugging Face Qwen2 directory (config.json + model.safetensors)")
+    src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + model.safetensors)")
     p.add_argument("prompt", nargs="?", help="the user turn (or use --prompt_file)")
     p.add_argument("--prompt_file", help="read the user turn from this file")
     p.add_argument("--system", default=None, help="system turn (default: the dataset's --default_system, if any)")

@@ -100,11 +100,11 @@ def run(src, out_dir, workers, tokenizer):
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr[-3000:]}")
     tokens = int(re.search(r"samples, ([\d,]+) tokens", r.stdout).group(1).replace(",", ""))
-    here, in_workers = map(float, re.search(r"peak RSS (\d+) MiB here \+ (\d+) MiB", r.stdout).groups())
+    here, in_workers = re.search(r"peak RSS (\d+) MiB(?: \+ (\d+) MiB in)?", r.stdout).groups()
     max_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1)) / 1024
     cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", r.stderr).group(1)) for kind in ("User", "System"))
     shutil.rmtree(out_dir)
-    return dict(workers=workers, wall=wall, tokens=tokens, rss_sum=here + in_workers, rss_max=max_rss,
+    return dict(workers=workers, wall=wall, tokens=tokens, rss_sum=float(here) + float(in_workers or 0), rss_max=max_rss,
                 cpu=cpu, load=(load0, load1))
 
 

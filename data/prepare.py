@@ -88,6 +88,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -463,8 +464,9 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
         print(f"{out_dir}: {meta['n_seqs']} samples, {meta['n_tokens']:,} tokens "
               f"({meta['n_trained_tokens']:,} trained), tokenizer {tok.name}, vocab_size {tok.vocab_size}, "
               f"chat format {fmt.name}")
-        print(f"  {seconds:.1f} s, {meta['n_tokens'] / seconds:,.0f} tokens/s, {used} process(es); peak RSS "
-              f"{rss[0] / mib:.0f} MiB here + {sum(rss[1:]) / mib:.0f} MiB in {len(rss) - 1} worker(s)")
+        workers = f" + {sum(rss[1:]) / mib:.0f} MiB in {len(rss) - 1} workers (summed)" if len(rss) > 1 else ""
+        print(f"  {seconds:.1f} s, {meta['n_tokens'] / seconds:,.0f} tokens/s, {used} process{'es' * (used > 1)}; "
+              f"peak RSS {rss[0] / mib:.0f} MiB{workers}")
     return out_dir
 
 
@@ -483,6 +485,8 @@ def _write(job, tmp, workers, chunk_bytes, verbose):
             contextlib.closing(_results(job, _blocks(path, chunk_bytes), workers)) as results:
         fo.write(np.zeros(1, dtype=np.int64).tobytes())
         for out in results:
+            if _interrupted:
+                raise KeyboardInterrupt
             for w in out["warnings"]:
                 if verbose:
                     print(w, file=sys.stderr)
@@ -497,6 +501,8 @@ def _write(job, tmp, workers, chunk_bytes, verbose):
             pid, rss = out["peak_rss"]
             if pid != os.getpid():
                 worker_rss[pid] = max(rss, worker_rss.get(pid, 0))
+        if _interrupted:
+            raise KeyboardInterrupt
         if n_seqs == 0:
             raise DataError(f"{path}: no samples")
         for f in (ft, fm, fo):
@@ -539,26 +545,34 @@ def _blocks(path, chunk_bytes):
 def _results(job, blocks, workers):
     """_tokenize_block of every block, in input order: here when workers == 1, else in a pool of `workers`
     processes with at most two blocks per worker in flight (so memory stays bounded). The first error in
-    input order is raised, with its own line number, once the blocks before it are written."""
+    input order is raised, with its own line number, once the blocks before it are written; a worker that
+    dies (killed, out of memory) raises BrokenProcessPool instead of leaving us waiting for its block."""
     if workers == 1:
         for first, block in blocks:
             yield _tokenize_block(job, first, block)
         return
     # fork: the workers inherit the loaded tokenizer and never re-import the calling script
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    with context.Pool(workers, initializer=_worker_init) as pool:  # leaving the block terminates the workers
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+    try:
         pending = deque()
         for first, block in blocks:
-            pending.append(pool.apply_async(_tokenize_block, (job, first, block)))
+            pending.append(pool.submit(_tokenize_block, job, first, block))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BaseException:  # an error, Ctrl-C, or our consumer gave up: end the workers now, not after their blocks
+        for process in list(pool._processes.values()):  # Python 3.14 has pool.terminate_workers() for this
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _worker_init():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which terminates the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: terminate() must end us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not inherit main()'s handler
 
 
 def _tokenize_block(job, first, block):
@@ -820,8 +834,9 @@ def main(argv=None):
     if not (args.input and args.out_dir):
         p.error("--input and --out_dir are required (or --show DIR)")
     # `kill` (SIGTERM) ends the process without running cleanup code; as an exception it runs prepare()'s
-    # cleanup like Ctrl-C does. kill -9 cannot be caught: the next run removes what it left (remove_stale_temps).
+    # cleanup as Ctrl-C does (both go through _terminate). kill -9 cannot be caught: the next run removes what it left (remove_stale_temps).
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     try:
         prepare(args.input, args.out_dir, args.tokenizer, args.max_len, args.overlong, args.overwrite,
                 default_system=args.default_system, chat_format=args.chat_format, workers=args.workers)
@@ -832,7 +847,14 @@ def main(argv=None):
 
 
 def _terminate(signum, frame):
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
+
+
+# Set by _terminate. _write checks it after each block too: Python ignores an exception raised where it
+# cannot propagate, as when the signal lands in one of the hooks that run around the pool's fork.
+_interrupted = False
 
 
 if __name__ == "__main__":

@@ -181,6 +181,24 @@ def test_workers_give_the_same_output_and_errors(tmp_path):
     assert listing(tmp_path) == ["bad.jsonl", "one", "s.jsonl", "two", "whole"]
 
 
+def test_a_dead_worker_fails_cleanly(tmp_path, monkeypatch):
+    """A worker killed mid-run (out of memory, kill -9) ends prepare() with an error, not a hang, and leaves
+    nothing behind."""
+    import data.prepare as prep
+    real = prep._tokenize_block
+
+    def dies_on_line_200(job, first, block):
+        if first <= 200 < first + block.count(b"\n"):
+            os._exit(1)
+        return real(job, first, block)
+    dies_on_line_200.__module__, dies_on_line_200.__qualname__ = "data.prepare", "_tokenize_block"  # pickled by name
+    monkeypatch.setattr(prep, "_tokenize_block", dies_on_line_200)
+    src = write_jsonl(tmp_path / "s.jsonl", [PR] * 400)
+    with pytest.raises(RuntimeError, match="terminated abruptly"):
+        prepare(src, tmp_path / "out", tokenizer="byte", verbose=False, workers=2, chunk_bytes=500)
+    assert listing(tmp_path) == ["s.jsonl"]
+
+
 def test_blocks_are_whole_lines(tmp_path):
     """The reader's blocks: whole lines, each block's first line numbered right, a line longer than a block
     kept whole, a last line without a newline kept."""
