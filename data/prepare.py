@@ -432,6 +432,8 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
         raise ValueError("default_system is empty: give the system prompt's text, or leave it out")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     out_dir = os.path.abspath(out_dir)
     if not os.path.isfile(input_path):
         raise DataError(f"{input_path}: no such file")
@@ -464,9 +466,9 @@ def prepare(input_path, out_dir, tokenizer="cl100k_base", max_len=None, overlong
         print(f"{out_dir}: {meta['n_seqs']} samples, {meta['n_tokens']:,} tokens "
               f"({meta['n_trained_tokens']:,} trained), tokenizer {tok.name}, vocab_size {tok.vocab_size}, "
               f"chat format {fmt.name}")
-        workers = f" + {sum(rss[1:]) / mib:.0f} MiB in {len(rss) - 1} workers (summed)" if len(rss) > 1 else ""
+        in_workers = f" + {sum(rss[1:]) / mib:.0f} MiB in {len(rss) - 1} workers (summed)" if len(rss) > 1 else ""
         print(f"  {seconds:.1f} s, {meta['n_tokens'] / seconds:,.0f} tokens/s, {used} process{'es' * (used > 1)}; "
-              f"peak RSS {rss[0] / mib:.0f} MiB{workers}")
+              f"peak RSS {rss[0] / mib:.0f} MiB{in_workers}")
     return out_dir
 
 
