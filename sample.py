@@ -1,16 +1,20 @@
 """
-Generate from a trained model, with the tokenizer and ChatML template its data was prepared with.
+Generate from a trained model, with the tokenizer and chat format its data was prepared with.
 
     python sample.py --out_dir=out-cpu "reverse hello"             # a train.py out_dir (ckpt.safetensors)
     python sample.py --hf_dir=/path/to/Qwen2.5-0.5B --prompt_file=q.txt --temperature=0.7 --top_k=50
     python sample.py --out_dir=out-cpu --eval_synthetic=100        # exact-match accuracy per synthetic task
 
 The prompt becomes one user turn, rendered exactly as data/prepare.py renders training data
-(a system turn first when the data was prepared with --default_system, or when --system is given):
+(a system turn first when the data was prepared with --default_system, or when --system is given),
+then the assistant's header, in the data's chat format: ChatML (Qwen)
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n
-and generation stops at <|im_end|> or after --max_new_tokens. Tokenizer: for --out_dir the prepared
-dataset's (its meta.json names it); for --hf_dir the directory's tokenizer.json, or --tokenizer
-(byte | cl100k_base) for a directory exported from a run on such data. Decoding keeps a KV cache
+or Llama 3
+    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+and generation stops at the format's end of turn (<|im_end|> or <|eot_id|>) or after --max_new_tokens.
+Tokenizer and chat format: for --out_dir the prepared dataset's (its meta.json names both); for --hf_dir
+the directory's tokenizer.json and the format its special tokens imply, or --tokenizer (byte |
+cl100k_base) for a directory exported from a run on such data. --chat_format overrides the format. Decoding keeps a KV cache
 (model.KVCache), so each new token costs one token's forward pass. --temperature=0 is greedy.
 
 --eval_synthetic=N answers up to N held-out samples of each task of data/synthetic.py (reverse, upper,
@@ -53,12 +57,11 @@ def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, eos_id=Non
     return out
 
 
-def chat_prompt(tok, prompt, system=None):
-    """The token ids data/prepare.py would give this user turn, followed by the assistant header."""
-    from data.prepare import encode_chat
-    turns = ([("system", system)] if system else []) + [("user", prompt)]
-    ids, _ = encode_chat(tok, turns)
-    return ids + [tok.im_start_id] + tok.encode("assistant\n")
+def chat_prompt(tok, prompt, system=None, chat_format=None):
+    """The token ids data/prepare.py would give this user turn in `chat_format` (default: the tokenizer's),
+    followed by the assistant header."""
+    from data.prepare import generation_prompt
+    return generation_prompt(tok, ([("system", system)] if system else []) + [("user", prompt)], chat_format)
 
 
 def load(args):
@@ -106,8 +109,8 @@ def eval_synthetic(model, tok, dataset, config, n):
         if scores[task][1] >= n:
             continue
         want = tok.encode(answer)
-        got = generate(model, tokens[:start].tolist(), len(want) + 1, temperature=0, eos_id=tok.eos_id)
-        scores[task][0] += got == want + [tok.eos_id]
+        got = generate(model, tokens[:start].tolist(), len(want) + 1, temperature=0, eos_id=ds.meta["eos_id"])
+        scores[task][0] += got == want + [ds.meta["eos_id"]]
         scores[task][1] += 1
     return scores
 
@@ -116,11 +119,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--out_dir", help="a train.py out_dir (reads ckpt.safetensors and the dataset's tokenizer)")
-    src.add_argument("--hf_dir", help="a Hugging Face Qwen2 directory (config.json + model.safetensors)")
+    src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + model.safetensors)")
     p.add_argument("prompt", nargs="?", help="the user turn (or use --prompt_file)")
     p.add_argument("--prompt_file", help="read the user turn from this file")
     p.add_argument("--system", default=None, help="system turn (default: the dataset's --default_system, if any)")
     p.add_argument("--tokenizer", default=None, help="override: byte | cl100k_base | a directory with tokenizer.json")
+    p.add_argument("--chat_format", default=None, choices=("chatml", "llama3"),
+                   help="override the prompt's rendering (default: the dataset's, else the tokenizer's)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
@@ -144,6 +149,8 @@ def main(argv=None):
             if not args.prompt or not args.prompt.strip():
                 raise ValueError("empty prompt: give it as an argument or with --prompt_file")
         model, tok, dataset, config, ds_meta = load(args)
+        from data.prepare import get_chat_format
+        fmt = get_chat_format(tok, args.chat_format or ds_meta.get("chat_format"))
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -157,11 +164,11 @@ def main(argv=None):
             print(f"  {task:<10} {ok:4d}/{total:<4d} {100 * ok / max(total, 1):5.1f}%")
         return
     system = args.system if args.system is not None else ds_meta.get("default_system")
-    ids = chat_prompt(tok, args.prompt, system)
+    ids = chat_prompt(tok, args.prompt, system, fmt.name)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     for k in range(args.num_samples):
-        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k or None, tok.eos_id, g)
-        text = tok.decode(out[:-1] if out and out[-1] == tok.eos_id else out)
+        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k or None, fmt.eos_id, g)
+        text = tok.decode(out[:-1] if out and out[-1] == fmt.eos_id else out)
         print(text if args.num_samples == 1 else f"--- sample {k + 1}\n{text}", flush=True)
 
 

@@ -196,8 +196,9 @@ def make_synthetic(out_dir=None, dist="wikipedia", n=2000, max_len=4096, seed=0,
         with os.fdopen(fd, "w") as f:
             for L in lengths:
                 f.write(json.dumps(make_sample(int(L), rng)) + "\n")
+        # one process: train.py's ranks call this, and writing the JSONL above costs more than tokenizing bytes
         prepare(jsonl, out_dir, tokenizer="byte", max_len=max_len, overlong="error", overwrite=overwrite,
-                extra_meta={"synthetic": params, "source": f"data/synthetic.py {params}"}, verbose=verbose)
+                extra_meta={"synthetic": params, "source": f"data/synthetic.py {params}"}, verbose=verbose, workers=1)
     except FileExistsError:
         if not _cached(out_dir, params):  # lost a race to another process making the same data: fine
             raise

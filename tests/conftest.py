@@ -1,5 +1,5 @@
-"""Shared test set-up: the repo root on sys.path, the small synthetic datasets, and the launcher that runs
-train.py as a user does (python, or torchrun with gloo on CPU).
+"""Shared test set-up: the repo root on sys.path, the small synthetic datasets, the launcher that runs
+train.py as a user does (python, or torchrun with gloo on CPU), and a tiny Llama 3 style tokenizer.
 
 Markers (`python -m pytest -q -m "not slow" tests` is the quick subset, for editing one file):
   slow  starts train.py, torchrun or spawned workers, or takes more than a few seconds
@@ -112,3 +112,29 @@ def assert_golden(name, records):
         pairs = [(g, w) for g, w in zip(got[key], want[key]) if w is not None]
         torch.testing.assert_close(torch.tensor([g for g, _ in pairs]), torch.tensor([w for _, w in pairs]),
                                    rtol=1e-5, atol=2e-6, msg=lambda m: f"{name} {key}: {m}")
+
+
+# Llama 3's special tokens (ids 0..5 in tokenizer_dir) and its pre-tokenizer split (its tokenizer.json)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|finetune_right_pad_id|>"]
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tokenizer_dir(path, specials, config=None, vocab_size=300):
+    """A checkpoint directory with a tiny BPE tokenizer.json, pre-tokenized as Llama 3's is, with `specials`
+    first (ids 0, 1, ...): built here, no download. -> (its path, the tokenizers.Tokenizer)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(["hello world, be brief", "2+2? 4 hi there", "Add. the user said\n\n"] * 10,
+                          trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir()
+    t.save(str(path / "tokenizer.json"))
+    if config:
+        (path / "config.json").write_text(json.dumps(config))
+    return str(path), t

@@ -1,5 +1,5 @@
-"""data/prepare.py and data/synthetic.py: rendering and loss mask, bad input, atomic output, tokenizers,
-Table 1 length sampling, the synthetic dataset."""
+"""data/prepare.py and data/synthetic.py: input formats, chat formats (ChatML, Llama 3) and the loss mask,
+bad input, atomic output, tokenizers, workers and streaming, Table 1 length sampling, the synthetic dataset."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import LLAMA3_SPECIALS, ROOT, tokenizer_dir
 from data.prepare import DataError, encode_chat, get_tokenizer, load_dataset, prepare
 from data.synthetic import MIN_LEN, TABLE1, THRESHOLDS, make_synthetic, sample_lengths, scale_ref
 
@@ -62,10 +62,182 @@ def test_prepare_both_formats_and_mask(tmp_path):
         ds.get(2)
 
 
+SHAREGPT = {"conversations": [  # CHAT in ShareGPT's words
+    {"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+    {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+ALPACA = {"instruction": "Add.", "input": "2+2", "output": "4", "system": "Be brief."}
+# Meta-Llama-3-8B-Instruct's chat_template (tokenizer_config.json), the reference for the llama3 rendering
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def trained_runs(tok, ids, mask):
+    """The decoded runs of consecutive trained tokens."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return [tok.decode(ids[a:b]) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def test_sharegpt_and_alpaca(tmp_path):
+    """ShareGPT and Alpaca lines, told apart by their keys, give the conversation their fields describe."""
+    from data.prepare import parse_sample
+    assert parse_sample(SHAREGPT) == parse_sample(CHAT)
+    assert parse_sample({"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"}],
+                         "system": "Be brief."}) == [("system", "Be brief."), ("user", "hi"), ("assistant", "hello")]
+    assert parse_sample(ALPACA) == [("system", "Be brief."), ("user", "Add.\n2+2"), ("assistant", "4")]
+    for empty_input in ({"instruction": "hi", "input": "", "output": "hello"}, {"instruction": "hi", "output": "hello"}):
+        assert parse_sample(empty_input) == parse_sample(PR) == [("user", "hi"), ("assistant", "hello")]
+    assert parse_sample({"instruction": "", "input": "2+2", "output": "4"}) == [("user", "2+2"), ("assistant", "4")]
+    src = write_jsonl(tmp_path / "mixed.jsonl", [SHAREGPT, CHAT, ALPACA, {"instruction": "hi", "input": "", "output": "hello"}, PR])
+    ds = load_dataset(prepare(src, tmp_path / "out", tokenizer="byte", verbose=False))
+    tok = get_tokenizer("byte")
+    assert ds.get(0)[0].tolist() == ds.get(1)[0].tolist() and ds.get(3)[0].tolist() == ds.get(4)[0].tolist()
+    ids, mask = ds.get(2)
+    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd.\n2+2<|im_end|>\n"
+                               "<|im_start|>assistant\n4<|im_end|>\n")
+    assert trained_runs(tok, ids, mask) == ["4<|im_end|>"]
+
+
+def test_llama3_chat_format(tmp_path):
+    """--chat_format=llama3: Llama 3's layout, content stripped as its template does, and the same mask
+    (the assistant's content and its <|eot_id|>); sample.py's prompt is the sample up to the answer."""
+    turns = [dict(m, content=f" {m['content']}\n") for m in CHAT["messages"]]  # surrounding whitespace: stripped
+    src = write_jsonl(tmp_path / "s.jsonl", [{"messages": turns}, PR])
+    ds = load_dataset(prepare(src, tmp_path / "out", tokenizer="byte", chat_format="llama3", verbose=False))
+    tok = get_tokenizer("byte")
+    ids, mask = ds.get(0)
+    assert tok.decode(ids) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                               "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
+                               "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>")
+    assert trained_runs(tok, ids, mask) == ["hello<|eot_id|>", "4<|eot_id|>"]
+    m = ds.meta
+    assert (m["chat_format"], m["eos_id"], m["pad_id"], m["vocab_size"]) == ("llama3", 263, 259, 264)
+    assert m["specials"] == {"<|begin_of_text|>": 260, "<|start_header_id|>": 261, "<|end_header_id|>": 262, "<|eot_id|>": 263}
+    from sample import chat_prompt
+    ids1, mask1 = ds.get(1)
+    prompt = chat_prompt(tok, "hi", None, m["chat_format"])
+    assert prompt == ids1[:int(mask1.argmax())].tolist()  # up to the first trained token, exactly
+    with pytest.raises(ValueError, match=r"cl100k_base has no <\|begin_of_text\|>.*llama3 chat format needs"):
+        prepare(src, tmp_path / "out2", tokenizer="cl100k_base", chat_format="llama3", verbose=False)
+    assert listing(tmp_path) == ["out", "s.jsonl"]
+
+
+def test_llama3_tokenizer_dir(tmp_path):
+    """A Llama 3 checkpoint's tokenizer (its special tokens) selects the llama3 format; the ids equal the
+    tokenizer applied to the text Meta's chat template renders, so the separate encoding of header, content
+    and end of turn loses nothing."""
+    import jinja2
+    ckpt, hf = tokenizer_dir(tmp_path / "llama", LLAMA3_SPECIALS, {"vocab_size": 320})
+    src = write_jsonl(tmp_path / "s.jsonl", [SHAREGPT, ALPACA])
+    ds = load_dataset(prepare(src, tmp_path / "out", tokenizer=ckpt, verbose=False))
+    tok = get_tokenizer(ckpt)
+    assert (ds.meta["chat_format"], ds.meta["eos_id"], ds.meta["pad_id"], ds.meta["vocab_size"]) == ("llama3", 4, 5, 320)
+    template = jinja2.Environment().from_string(LLAMA3_TEMPLATE)
+    from data.prepare import parse_sample
+    from sample import chat_prompt
+    for i, obj in enumerate([SHAREGPT, ALPACA]):
+        messages = [{"role": r, "content": c} for r, c in parse_sample(obj)]
+        text = template.render(messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=False)
+        ids, mask = ds.get(i)
+        assert tok.decode(ids) == text and ids.tolist() == hf.encode(text, add_special_tokens=False).ids
+        assert trained_runs(tok, ids, mask) == [c + "<|eot_id|>" for r, c in parse_sample(obj) if r == "assistant"]
+    text = template.render(messages=[{"role": "user", "content": "hi"}], bos_token="<|begin_of_text|>",
+                           add_generation_prompt=True)
+    assert chat_prompt(tok, "hi") == hf.encode(text, add_special_tokens=False).ids
+    ckpt, _ = tokenizer_dir(tmp_path / "plain", ["<|endoftext|>"])
+    with pytest.raises(RuntimeError, match="no supported chat format"):
+        get_tokenizer(ckpt)
+
+
+def test_workers_give_the_same_output_and_errors(tmp_path):
+    """Blocks of lines tokenized by 2 processes give the bytes one process gives; a bad line is reported
+    with its own line number (the first in the file when there are several) and leaves nothing behind."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        answer = "x" * int(rng.integers(1, 300))
+        rows.append([CHAT, SHAREGPT, ALPACA, {"prompt": str(i), "response": answer}][i % 4] if i % 7 else "")
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    kw = dict(tokenizer="byte", verbose=False, chunk_bytes=2000)  # about 20 blocks
+    outs = [prepare(src, tmp_path / "one", workers=1, **kw), prepare(src, tmp_path / "two", workers=2, **kw),
+            prepare(src, tmp_path / "whole", workers=1, tokenizer="byte", verbose=False)]  # a single block
+    for f in ("tokens.bin", "mask.bin", "offsets.bin", "meta.json"):
+        data = [open(os.path.join(o, f), "rb").read() for o in outs]
+        assert data[0] == data[1] == data[2], f
+    assert len(load_dataset(outs[1])) == sum(1 for r in rows if r)
+    bad = list(rows)
+    bad[299] = '{"prompt": "no response"}'  # line 300, in a late block
+    write_jsonl(tmp_path / "bad.jsonl", bad)
+    for lines, want in (([300], 300), ([300, 120], 120)):
+        for n in lines:
+            bad[n - 1] = '{"prompt": "no response"}'
+        src = write_jsonl(tmp_path / "bad.jsonl", bad)
+        with pytest.raises(DataError, match=rf"bad\.jsonl:{want}: has no 'response'"):
+            prepare(src, tmp_path / "out", workers=2, **kw)
+    assert listing(tmp_path) == ["bad.jsonl", "one", "s.jsonl", "two", "whole"]
+
+
+def test_a_dead_worker_fails_cleanly(tmp_path, monkeypatch):
+    """A worker killed mid-run (out of memory, kill -9) ends prepare() with an error, not a hang, and leaves
+    nothing behind."""
+    import data.prepare as prep
+    real = prep._tokenize_block
+
+    def dies_on_line_200(job, first, block):
+        if first <= 200 < first + block.count(b"\n"):
+            os._exit(1)
+        return real(job, first, block)
+    dies_on_line_200.__module__, dies_on_line_200.__qualname__ = "data.prepare", "_tokenize_block"  # pickled by name
+    monkeypatch.setattr(prep, "_tokenize_block", dies_on_line_200)
+    src = write_jsonl(tmp_path / "s.jsonl", [PR] * 400)
+    with pytest.raises(RuntimeError, match="terminated abruptly"):
+        prepare(src, tmp_path / "out", tokenizer="byte", verbose=False, workers=2, chunk_bytes=500)
+    assert listing(tmp_path) == ["s.jsonl"]
+
+
+def test_blocks_are_whole_lines(tmp_path):
+    """The reader's blocks: whole lines, each block's first line numbered right, a line longer than a block
+    kept whole, a last line without a newline kept."""
+    from data.prepare import _blocks
+    lines = [b"a" * n for n in (3, 50, 7, 0, 200, 1, 30)]
+    p = tmp_path / "x"
+    p.write_bytes(b"\n".join(lines))  # no newline at the end
+    blocks = list(_blocks(str(p), 40))
+    assert b"".join(b for _, b in blocks) == p.read_bytes()
+    for first, block in blocks:
+        assert block.split(b"\n")[0] == lines[first - 1]
+    assert all(b.endswith(b"\n") for _, b in blocks[:-1]) and [f for f, _ in blocks] == [1, 3, 6]
+
+
+def test_show_sample(tmp_path, capsys):
+    from data.prepare import main
+    src = write_jsonl(tmp_path / "s.jsonl", [PR, SHAREGPT])
+    out = prepare(src, tmp_path / "out", tokenizer="byte", chat_format="llama3", verbose=False)
+    main(["--show", out, "--index", "1"])
+    text = capsys.readouterr().out
+    assert "[[hello<|eot_id|>]]<|start_header_id|>user" in text and "chat format llama3" in text
+    mask = text.rstrip("\n").rsplit("\n", 1)[1]
+    ids, m = load_dataset(out).get(1)
+    assert mask == "".join(map(str, m.astype(int)))
+
+
 BAD = [  # (line content, expected words in the error)
     ('{"messages": [', "malformed JSON"),
     ('[1, 2]', "expected a JSON object"),
-    ('{"text": "hi"}', "missing fields"),
+    ('{"text": "hi"}', "unknown format (keys: 'text')"),
+    ('{"messages": [], "conversations": []}', "keys of two formats (messages and ShareGPT)"),
+    ('{"conversations": [{"from": "bot", "value": "x"}]}', "conversations[0].from is 'bot'; expected one of system, human, gpt"),
+    ('{"conversations": [{"from": "human"}]}', "conversations[0] has no 'value'"),
+    ('{"conversations": [{"from": "human", "value": "x"}]}', "no assistant turn"),
+    ('{"system": "s", "conversations": [{"from": "system", "value": "t"}, {"from": "gpt", "value": "x"}]}',
+     "top-level 'system' and a system turn"),
+    ('{"instruction": "x", "input": ""}', "has no 'output'"),
+    ('{"output": "x"}', "has no 'instruction'"),
+    ('{"instruction": "x", "input": 3, "output": "y"}', "'input' must be a string"),
     ('{"prompt": "hi"}', "no 'response'"),
     ('{"prompt": "hi", "response": 3}', "'response' must be a string"),
     ('{"messages": []}', "empty conversation"),

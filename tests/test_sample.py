@@ -1,5 +1,5 @@
 """sample.py: KV-cache decoding against recomputing the whole sequence and against transformers'
-generate; the synthetic answer checker; one-line errors for bad input."""
+generate; prompts in the data's chat format; the synthetic answer checker; one-line errors for bad input."""
 import subprocess
 import sys
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import LLAMA3_SPECIALS, ROOT, tokenizer_dir
 from data.synthetic import TASKS, make_sample, solve
 from model import KVCache, ModelConfig, Transformer
 from sample import generate
@@ -62,6 +62,27 @@ def test_sampling_is_seeded_and_top_k_restricts():
     eos = a[0]
     assert generate(model, prompt, 16, temperature=1.0, top_k=3, eos_id=eos,
                     generator=torch.Generator().manual_seed(0)) == [eos]  # stops at eos
+
+
+def test_prompt_in_the_chat_format(tmp_path, capsys):
+    """A directory with a Llama 3 tokenizer gets Llama 3 prompts and stops at <|eot_id|>; --chat_format
+    overrides the format (here for the byte tokenizer, which has both formats' tokens)."""
+    import sample
+    from data.prepare import get_chat_format, get_tokenizer
+    model = random_model()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer_dir(tmp_path / "llama", LLAMA3_SPECIALS, vocab_size=296)  # rounded up to 296 <= the model's 300
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((tmp_path / "llama" / "tokenizer.json").read_bytes())
+    cases = (([], str(tmp_path / "hf"), "llama3"), (["--tokenizer=byte", "--chat_format=llama3"], "byte", "llama3"),
+             (["--tokenizer=byte"], "byte", "chatml"))
+    for extra, tokenizer, fmt in cases:
+        sample.main(["--hf_dir", str(tmp_path / "hf"), "hi there", "--max_new_tokens=6", "--temperature=0", *extra])
+        tok = get_tokenizer(tokenizer)
+        chat = get_chat_format(tok, fmt)
+        ids = sample.chat_prompt(tok, "hi there", None, fmt)
+        assert ids[0] == chat.tok.specials["<|begin_of_text|>" if fmt == "llama3" else "<|im_start|>"]
+        new = generate(model, ids, 6, temperature=0, eos_id=chat.eos_id)
+        assert capsys.readouterr().out == tok.decode([t for t in new if t != chat.eos_id]) + "\n", (extra, fmt)
 
 
 def test_solve_recomputes_every_synthetic_answer():
