@@ -559,10 +559,12 @@ class Transformer(nn.Module):
     # Hugging Face checkpoints: our parameter name = HF name without the "model." prefix (to_hf_name)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None):
+    def from_pretrained(cls, path, dtype=None, config=None):
         """Load a local Hugging Face Qwen2/Qwen2.5, Qwen3 or Llama 3 directory: config.json plus model.safetensors or a
         sharded model.safetensors.index.json. No network, safetensors only. dtype: the parameter
-        dtype; None keeps torch's default (fp32: what training with bf16 autocast wants)."""
+        dtype; None keeps torch's default (fp32: what training with bf16 autocast wants). config: a
+        ModelConfig to build instead of config.json's (train.py's, its RoPE overridden); the tensors are
+        checked against it."""
         from safetensors.torch import load_file
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -572,7 +574,7 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"{path}: no config.json")
         with open(config_file) as f:
             try:
-                config = ModelConfig.from_hf(json.load(f))
+                config = config or ModelConfig.from_hf(json.load(f))
             except ValueError as e:
                 raise ValueError(f"{config_file}: {e}") from None
         index_file = os.path.join(path, "model.safetensors.index.json")

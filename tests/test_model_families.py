@@ -137,7 +137,8 @@ def write_tiny_hf(path, family):
     """A tiny random Qwen3 (YaRN) or Llama 3 (llama3 scaling) directory for the byte-level synthetic data."""
     import transformers
     common = dict(vocab_size=320, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=family == "qwen3")
+                  num_key_value_heads=2, max_position_embeddings=512 if family == "qwen3" else 2048,
+                  tie_word_embeddings=family == "qwen3")
     if family == "qwen3":
         config = transformers.Qwen3Config(hidden_size=96, head_dim=32, **common, rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))
