@@ -181,3 +181,41 @@ def test_train_from_qwen3_and_llama3_at_cp1_and_cp2(tmp_path, dataset):
         assert hf.config.rope_parameters["rope_type"] in ("yarn", "llama3")
         with torch.no_grad():
             torch.testing.assert_close(ours(idx)[0], hf(input_ids=idx).logits, **TOL)
+
+
+def write_8b_configs(path):
+    """config.json of Llama-3.1-8B and Qwen3-8B, written by transformers' config classes from their published
+    values (no download): what docs/finetuning.md's dry run command writes."""
+    llama = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192))
+    qwen3 = transformers.Qwen3Config(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+    llama.save_pretrained(path / "llama-3.1-8b")
+    qwen3.save_pretrained(path / "qwen3-8b")
+    return path / "llama-3.1-8b", path / "qwen3-8b"
+
+
+@pytest.mark.slow
+def test_dry_run_from_a_config_json_alone(tmp_path, dataset):
+    """An 8B dry run at 32 ranks from a config.json without weights: as init_from (Qwen3-8B, YaRN x2 over its
+    32K), or as model_preset (Llama-3.1-8B's file itself)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, env
+    llama, qwen3 = write_8b_configs(tmp_path)
+    args = ["config/long_sft_8b_64k.py", f"--dataset={dataset}", "--dry_run=True", "--dry_run_world=32"]
+    runs = [subprocess.Popen([sys.executable, "train.py", *args, *extra], cwd=ROOT, env=env(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for extra in ([f"--init_from={qwen3}", "--rope_scaling_type=yarn", "--rope_scaling_factor=2",
+                           "--rope_original_max_position=32768"], [f"--model_preset={llama / 'config.json'}"])]
+    (out_q, err_q), (out_l, err_l) = (p.communicate(timeout=300) for p in runs)
+    assert runs[0].returncode == 0 and runs[1].returncode == 0, err_q[-2000:] + err_l[-2000:]
+    assert ("(8.19B params, qwen3, RoPE theta 1e+06 yarn factor=2 original_max_position_embeddings=32768)" in out_q
+            and "world 32 = dp 4 x cp 8" in out_q and out_q.count(" yes") == 32), out_q
+    assert "(8.03B params, llama, RoPE theta 500000 llama3 factor=8 " in out_l and "original_max_position_embeddings=8192)" in out_l, out_l
