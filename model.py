@@ -405,7 +405,9 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(N, self.n_head, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(N, self.n_kv_head, self.head_dim))
         v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
-        return RoPE.rotate(q, cos, sin), RoPE.rotate(k, cos, sin), v
+        # under autocast a q/k norm's fp32 weight promotes q and k to fp32: rotate them there, then hand the
+        # attention kernels (flash on CUDA: bf16 only) the projections' dtype, as autocast does in transformers
+        return RoPE.rotate(q, cos, sin).to(v.dtype), RoPE.rotate(k, cos, sin).to(v.dtype), v
 
 
 class MLP(nn.Module):

@@ -2,12 +2,15 @@
 RoPE scaling model.py implements, on small random configs (built with transformers' config classes, no
 download), at positions before and past the original context length.
 
-    python -m bench.parity        # the table in docs/results.md
+    python -m bench.parity                          # the parity table in docs/results.md
+    python -m bench.parity --tiny qwen3 DIR         # write a tiny random Qwen3 (YaRN) directory to train from
+    python -m bench.parity --tiny llama DIR         # ... a tiny random Llama 3 (llama3 scaling) directory
+    python -m bench.parity --export OUT_DIR         # a run's OUT_DIR/hf in transformers vs its checkpoint in ours
 
-Each case writes a random transformers model with save_pretrained, loads it with Transformer.from_pretrained
-and runs both on the same tokens, fp32, CPU: row 0 at positions 0..T-1, row 1 at PAST..PAST+T-1, beyond
-ORIGINAL (and beyond factor x ORIGINAL). Errors:
-    logits abs   max |ours - theirs| over every logit
+Each table case writes a random transformers model with save_pretrained, loads it with
+Transformer.from_pretrained and runs both on the same tokens, fp32, CPU: row 0 at positions 0..T-1, row 1
+at PAST..PAST+T-1, beyond ORIGINAL (and beyond factor x ORIGINAL). Errors:
+    logits abs   max |ours - theirs| over every logit (and over row 1 alone: past the original length)
     logits rel   that, divided by max |theirs|
     grad rel     over every parameter, max |our grad - their grad| / max |their grad| of the loss
 tests/test_model_families.py asserts them (the same cases); this prints them.
@@ -102,8 +105,60 @@ def compare(family, scaling, path):
     return ours, hf, errors
 
 
-def main():
+def write_tiny_hf(path, family):
+    """A tiny random Qwen3 (YaRN x4 over 128 positions, tied embeddings) or Llama 3 (llama3 x8 over 128,
+    untied) directory, written by transformers' save_pretrained, for the byte-level synthetic data (vocab 320)."""
     import transformers
+    common = dict(vocab_size=320, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512 if family == "qwen3" else 2048,
+                  tie_word_embeddings=family == "qwen3")
+    if family == "qwen3":
+        config = transformers.Qwen3Config(hidden_size=96, head_dim=32, **common, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))
+        cls = transformers.Qwen3ForCausalLM
+    elif family == "llama":
+        config = transformers.LlamaConfig(hidden_size=128, **common, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=128))
+        cls = transformers.LlamaForCausalLM
+    else:
+        raise SystemExit(f"error: --tiny {family!r}: expected qwen3 or llama")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(path)
+    return path
+
+
+def check_export(out_dir, n_tokens=600, seed=0):
+    """Max |logit difference| between out_dir/ckpt.safetensors in our model and out_dir/hf in transformers,
+    on n_tokens random tokens (positions 0..n_tokens-1)."""
+    import transformers
+
+    from checkpoint import load_model
+    ours, _ = load_model(out_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "hf"), attn_implementation="eager",
+                                                               dtype=torch.float32)
+    idx = torch.randint(0, ours.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a, b = ours(idx)[0], theirs(input_ids=idx).logits
+    return type(theirs).__name__, theirs.config.rope_parameters, (a - b).abs().max().item(), b.abs().max().item()
+
+
+def main():
+    import argparse
+
+    import transformers
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", nargs=2, metavar=("FAMILY", "DIR"), help="write a tiny random qwen3 or llama directory")
+    ap.add_argument("--export", metavar="OUT_DIR", help="compare a run's export (OUT_DIR/hf) with its checkpoint")
+    args = ap.parse_args()
+    if args.tiny:
+        print(f"wrote {write_tiny_hf(args.tiny[1], args.tiny[0])}")
+        return
+    if args.export:
+        cls, rope, diff, scale = check_export(args.export)
+        print(f"{args.export}/hf loads as {cls}, rope_parameters {rope}: max |logit difference| {diff:.1e} "
+              f"(max |logit| {scale:.1f}) over 600 positions")
+        return
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, fp32 CPU; rows at positions 0..{T - 1} "
           f"and {PAST}..{PAST + T - 1}, original length {ORIGINAL}")
     print("| family | RoPE | logits max abs | logits max rel | max abs past original | loss abs | grad max rel |")

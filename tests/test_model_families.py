@@ -2,12 +2,11 @@
 cases), RoPE frequencies bit for bit, config.json both ways, context-extension overrides, the shapes the cost
 and memory models read, and (slow) training from a Qwen3 and a Llama 3 directory at cp=1 and cp=2."""
 import json
-import os
 
 import pytest
 import torch
 
-from bench.parity import FAMILIES, ORIGINAL, SCALINGS, batch, compare, hf_config
+from bench.parity import FAMILIES, SCALINGS, batch, check_export, compare, hf_config, write_tiny_hf
 from model import ModelConfig, Transformer, rope_frequencies
 
 transformers = pytest.importorskip("transformers")  # the oracle; listed in requirements.txt
@@ -39,6 +38,26 @@ def test_matches_transformers(tmp_path, family, scaling):
     with torch.no_grad():
         torch.testing.assert_close(ours(idx, position_ids=pos)[0], back(input_ids=idx, position_ids=pos).logits, **TOL)
     assert Transformer.from_pretrained(tmp_path / "ours").config == ours.config
+
+
+def test_qk_norm_under_autocast_keeps_the_attention_dtype():
+    """Qwen3's q/k norms have fp32 weights: under bf16 autocast q and k still reach the attention in bf16 (the
+    flash kernels on CUDA take nothing else), and the loss stays close to fp32's."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=16,
+                                    intermediate_size=64, model_type="qwen3", qkv_bias=False, qk_norm=True))
+    seen = []
+
+    def attn_fn(q, k, v):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, 0),
+                                                                v.transpose(0, 1).repeat_interleave(2, 0), is_causal=True).transpose(0, 1)
+    idx = torch.randint(0, 97, (1, 24))
+    ref = model(idx, idx, attn_fn=attn_fn)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx, attn_fn=attn_fn)[1]
+    assert seen[:2] == [(torch.float32,) * 3] * 2 and seen[2:] == [(torch.bfloat16,) * 3] * 2
+    torch.testing.assert_close(loss, ref, atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -133,26 +152,6 @@ def test_shapes_from_the_config(family):
                                       + 2 * h * config.vocab_size)
 
 
-def write_tiny_hf(path, family):
-    """A tiny random Qwen3 (YaRN) or Llama 3 (llama3 scaling) directory for the byte-level synthetic data."""
-    import transformers
-    common = dict(vocab_size=320, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512 if family == "qwen3" else 2048,
-                  tie_word_embeddings=family == "qwen3")
-    if family == "qwen3":
-        config = transformers.Qwen3Config(hidden_size=96, head_dim=32, **common, rope_parameters=dict(
-            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))
-        cls = transformers.Qwen3ForCausalLM
-    else:
-        config = transformers.LlamaConfig(hidden_size=128, **common, rope_parameters=dict(
-            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=128))
-        cls = transformers.LlamaForCausalLM
-    torch.manual_seed(0)
-    cls(config).save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 def test_train_from_qwen3_and_llama3_at_cp1_and_cp2(tmp_path, dataset):
     """20 CPU steps from a tiny random Qwen3 and Llama 3 directory at cp=1 and cp=2 (the same losses), then
@@ -172,15 +171,9 @@ def test_train_from_qwen3_and_llama3_at_cp1_and_cp2(tmp_path, dataset):
     for a, b in ((0, 1), (2, 3)):  # cp=1 and cp=2 train the same run
         torch.testing.assert_close(torch.tensor([r["loss"] for r in records[a]]),
                                    torch.tensor([r["loss"] for r in records[b]]), rtol=1e-4, atol=1e-5)
-    idx = torch.randint(0, 264, (1, 300))  # positions past the original 128
-    for out_dir, _, _ in runs:
-        from checkpoint import load_model
-        ours, _ = load_model(str(out_dir))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "hf"), attn_implementation="eager",
-                                                               dtype=torch.float32)
-        assert hf.config.rope_parameters["rope_type"] in ("yarn", "llama3")
-        with torch.no_grad():
-            torch.testing.assert_close(ours(idx)[0], hf(input_ids=idx).logits, **TOL)
+    for (out_dir, _, _), cls in zip(runs, ["Qwen3ForCausalLM"] * 2 + ["LlamaForCausalLM"] * 2):
+        got, rope, diff, scale = check_export(str(out_dir))  # 600 positions: past the original 128
+        assert got == cls and rope["rope_type"] in ("yarn", "llama3") and diff < 1e-5 * scale, (out_dir, diff, scale)
 
 
 def write_8b_configs(path):
