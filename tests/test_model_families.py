@@ -165,9 +165,17 @@ def test_train_from_qwen3_and_llama3_at_cp1_and_cp2(tmp_path, dataset):
                          dict(nproc=cp, cp=cp, init_from=str(base), max_iters=20, batch_size=4, bucket_size=1024 // cp,
                               warmup_iters=2, lr_decay_iters=20, learning_rate=1e-3, export=True,
                               checkpoint_interval=20)))
-    records = train_all(*runs)
+    # a context extension of the Llama directory: its llama3 scaling replaced by YaRN x4 over 256, a new base
+    extended = (tmp_path / "llama-yarn", dataset, dict(runs[2][2], max_iters=2, rope_theta=1e6, rope_scaling_type="yarn",
+                                                       rope_scaling_factor=4, rope_original_max_position=256))
+    *records, _ = train_all(*runs, extended)
     for (out_dir, _, _), recs in zip(runs, records):
         assert len(recs) == 20 and recs[-1]["loss"] < recs[0]["loss"], (out_dir, [r["loss"] for r in recs])
+    _, rope, diff, scale = check_export(str(extended[0]))
+    assert rope == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
+    assert diff < 1e-5 * scale
+    with open(extended[0] / "hf" / "config.json") as f:
+        assert json.load(f)["max_position_embeddings"] == 2048  # the base's already exceeds 4 x 256
     for a, b in ((0, 1), (2, 3)):  # cp=1 and cp=2 train the same run
         torch.testing.assert_close(torch.tensor([r["loss"] for r in records[a]]),
                                    torch.tensor([r["loss"] for r in records[b]]), rtol=1e-4, atol=1e-5)
