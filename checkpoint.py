@@ -22,7 +22,8 @@ from model import ModelConfig, Transformer
 # (the same losses, tested), and the intervals, max_iters and optimizer settings are the user's to
 # change deliberately. "global_batch_size" is dp * batch_size: dp and batch_size may trade places.
 RESUME_MUST_MATCH = ("seed", "global_batch_size", "dataset", "synthetic_dist", "synthetic_n", "synthetic_max_len",
-                     "model_preset", "eval_fraction", "lora_rank", "lora_alpha", "lora_targets")
+                     "model_preset", "eval_fraction", "lora_rank", "lora_alpha", "lora_targets", "rope_theta",
+                     "rope_scaling_type", "rope_scaling_factor", "rope_original_max_position")
 OPTIM_KEYS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter
 
 

@@ -1,5 +1,6 @@
 """
-Hand a trained model to transformers or vLLM: a Hugging Face Qwen2 directory, plus the PEFT adapter.
+Hand a trained model to transformers or vLLM: a Hugging Face directory of the model's family (Qwen2,
+Qwen3 or Llama: ModelConfig.to_hf writes its config.json, RoPE scaling included), plus the PEFT adapter.
 
     python export.py --out_dir=out-cpu      # from out_dir/ckpt.safetensors; train.py does the same at the end
 
@@ -20,7 +21,7 @@ import sys
 
 from checkpoint import dataset_meta, load_model
 
-# what a Qwen checkpoint ships for its tokenizer; copied when present
+# what a Qwen or Llama checkpoint ships for its tokenizer; copied when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 

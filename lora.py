@@ -12,9 +12,9 @@ parameters as far as the micro-batch loop and the gradient all-reduce are concer
     save_adapter(model, "out/adapter")   # PEFT layout: adapter_config.json + adapter_model.safetensors
     merge_lora(model)                    # W += (alpha / r) B @ A, back to plain nn.Linear, for export
 
-The layout and the initialisation are PEFT's, and module names are Qwen2's (our parameter names are
-Hugging Face's without "model."), so `peft.PeftModel.from_pretrained(Qwen2ForCausalLM, dir)` loads what
-save_adapter writes and gives the same logits (tests/test_lora.py checks it).
+The layout and the initialisation are PEFT's, and module names are Hugging Face's (our parameter names
+are theirs without "model.", the same in Qwen2, Qwen3 and Llama), so `peft.PeftModel.from_pretrained(
+Qwen2ForCausalLM, dir)` loads what save_adapter writes and gives the same logits (tests/test_lora.py checks it).
 """
 import json
 import math
@@ -81,7 +81,7 @@ def adapter_state(model):
 
 
 def save_adapter(model, path, base_model=None):
-    """adapter_config.json + adapter_model.safetensors, loadable by peft onto Qwen2ForCausalLM."""
+    """adapter_config.json + adapter_model.safetensors, loadable by peft onto the base model's transformers class."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -96,7 +96,7 @@ def save_adapter(model, path, base_model=None):
 @torch.no_grad()
 def merge_lora(model):
     """Fold every adapter into its weight and put the plain nn.Linear back: the model is then an
-    ordinary Qwen2 model that save_pretrained writes for transformers or vLLM. In place."""
+    ordinary model that save_pretrained writes for transformers or vLLM. In place."""
     for name, m in lora_modules(model):
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")

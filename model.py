@@ -1,14 +1,22 @@
 """
-A Qwen2 / Qwen2.5 decoder in one file, written to be read top to bottom.
+A decoder for the Qwen2 / Qwen2.5, Qwen3 (dense) and Llama 3.x families in one file, written to be read top
+to bottom. The families differ in a few ModelConfig fields, never in code paths:
+
+    family        q/k/v bias   o_proj bias   q/k norm   head_dim            RoPE scaling in the wild
+    Qwen2/2.5     yes          no            no         n_embd / n_head     YaRN beyond 32K (model card)
+    Qwen3         no           no            yes        explicit (128)      YaRN beyond 32K (model card)
+    Llama 3.x     no           no            no         n_embd / n_head     llama3 (3.1 and later)
 
 The pieces, in the order they appear:
-    ModelConfig       hyperparameters; from_hf() reads a Hugging Face config.json
+    ModelConfig       hyperparameters; from_hf() reads a Hugging Face config.json, to_hf() writes one
+    rope_frequencies  RoPE's inverse frequencies and attention factor: default, linear, YaRN, llama3
     RMSNorm           x / rms(x) * weight, normalised in fp32
-    RoPE              rotary positions, Hugging Face "rotate-half" layout, base rope_theta
+    RoPE              rotary positions, Hugging Face "rotate-half" layout
     varlen_attention  THE attention seam: causal attention over packed variable-length sequences,
                       through the kernels of context_parallel.py (the same that compute ring blocks)
     KVCache           an attn_fn for generation: caches each layer's keys and values (sample.py)
-    Attention         grouped-query attention (GQA); q/k/v projections have a bias, o_proj has none
+    Attention         grouped-query attention (GQA); optional q/k/v and o biases, optional per-head
+                      RMSNorm of q and k before RoPE (Qwen3)
     MLP               SwiGLU: down(silu(gate(x)) * up(x))
     Block             pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); optional
                       activation checkpointing that never re-runs the attention
@@ -25,8 +33,9 @@ loading a checkpoint is a rename, not a permutation. Shapes in comments: N token
 H query heads, Hkv key/value heads, D = head_dim, V = vocab_size.
 """
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -35,6 +44,19 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from context_parallel import AttnPlan, attention
 from scheduler import SHAPES
+
+# model_type -> the transformers class that loads it. Qwen2 always has a q/k/v bias and no o_proj bias;
+# Qwen3 and Llama put one `attention_bias` (false in every released checkpoint) on all four projections.
+FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+# RoPE scaling: rope_type -> (required keys, optional keys), as transformers' modeling_rope_utils reads them
+ROPE_TYPES = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "llama3": (("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"), ()),
+}
 
 
 @dataclass
@@ -47,46 +69,215 @@ class ModelConfig:
     intermediate_size: int = 4864
     rope_theta: float = 1000000.0
     norm_eps: float = 1e-6
-    tie_embeddings: bool = True  # lm_head shares the token embedding matrix (Qwen2.5 <= 3B)
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix (Qwen2.5 <= 3B, Qwen3 <= 4B, Llama 3.2)
+    # what the families differ in (the table in the module docstring)
+    model_type: str = "qwen2"    # qwen2 | qwen3 | llama: the config.json to_hf() writes; the model never reads it
+    head_dim: int = None         # None -> n_embd // n_head
+    qkv_bias: bool = True        # q/k/v projections carry a bias (Qwen2)
+    o_bias: bool = False         # o_proj carries a bias (attention_bias=true in a Qwen3/Llama config.json)
+    qk_norm: bool = False        # RMSNorm over head_dim on every q and k head, before RoPE (Qwen3)
+    rope_scaling: dict = None    # None: plain RoPE; else {"rope_type": linear|yarn|llama3, "factor": ..., ...}
+    max_position_embeddings: int = 131072  # written to config.json; YaRN's factor defaults from it
+    bos_token_id: int = None     # carried from config.json to the export, unused here
+    eos_token_id: int = None     # (an int or a list of ints)
 
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
 
     @classmethod
     def from_hf(cls, hf):
-        """Build from a Hugging Face Qwen2 config.json dict; refuse what this file does not implement."""
-        if hf.get("model_type") != "qwen2":
-            raise ValueError(f"unsupported architecture: model_type={hf.get('model_type')!r}, "
-                             f"architectures={hf.get('architectures')}; model.py implements Qwen2/Qwen2.5 ('qwen2')")
-        # transformers < 5 writes rope_theta at the top level, >= 5 inside rope_parameters
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"unsupported RoPE scaling {rope}; only plain RoPE is implemented")
+        """Build from a Hugging Face config.json dict (Qwen2, Qwen3 or Llama); refuse what this file does not
+        implement with a one-line ValueError."""
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            raise ValueError(f"unsupported architecture: model_type={model_type!r}, architectures={hf.get('architectures')}; "
+                             f"model.py implements {', '.join(map(repr, FAMILIES))} (Qwen2/Qwen2.5, Qwen3 dense, Llama 3.x)")
         if hf.get("use_sliding_window"):
-            raise ValueError("unsupported: use_sliding_window=true (Qwen2.5 checkpoints ship it off)")
+            raise ValueError("unsupported: use_sliding_window=true (the released Qwen checkpoints ship it off)")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; Qwen2 uses 'silu'")
-        cfg = cls(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                  n_head=hf["num_attention_heads"],
-                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                  n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                  rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                  norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  tie_embeddings=hf.get("tie_word_embeddings", False))
-        if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
-            raise ValueError(f"unsupported: head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
-        return cfg
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; these families use 'silu'")
+        if hf.get("mlp_bias"):
+            raise ValueError("unsupported: mlp_bias=true (no released Llama has it)")
+        if hf.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"unsupported: pretraining_tp={hf['pretraining_tp']} (transformers computes 1)")
+        theta, scaling = _rope_from_hf(hf)
+        bias = bool(hf.get("attention_bias", False))
+        return cls(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                   n_head=hf["num_attention_heads"],
+                   n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                   n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                   rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   tie_embeddings=hf.get("tie_word_embeddings", False), model_type=model_type,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                   qkv_bias=model_type == "qwen2" or bias, o_bias=model_type != "qwen2" and bias,
+                   qk_norm=model_type == "qwen3", rope_scaling=scaling,
+                   max_position_embeddings=hf.get("max_position_embeddings", cls.max_position_embeddings),
+                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
     def to_hf(self):
-        """The config.json dict transformers needs to load what save_pretrained writes."""
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-                "vocab_size": self.vocab_size, "num_hidden_layers": self.n_layer,
-                "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
-                "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
-                "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_eps,
-                "tie_word_embeddings": self.tie_embeddings, "use_sliding_window": False,
-                "max_position_embeddings": 131072}
+        """The config.json dict transformers needs to load what save_pretrained writes, for this family. RoPE
+        goes in twice: `rope_parameters` (transformers 5.x), and `rope_theta` + `rope_scaling` (the layout of
+        transformers 4.x and of the released checkpoints, which other readers such as vLLM take)."""
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"model_type={self.model_type!r}: expected one of {', '.join(FAMILIES)}")
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
+            raise ValueError("a qwen2 config.json cannot say qkv_bias=False or o_bias=True (Qwen2 fixes both)")
+        if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
+            raise ValueError(f"a {self.model_type} config.json has one attention_bias for q/k/v and o: "
+                             f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise ValueError(f"qk_norm={self.qk_norm} does not match model_type={self.model_type!r} (only qwen3 has it)")
+        scaling = dict(self.rope_scaling) if self.rope_scaling else None
+        hf = {"architectures": [FAMILIES[self.model_type]], "model_type": self.model_type, "hidden_act": "silu",
+              "vocab_size": self.vocab_size, "num_hidden_layers": self.n_layer,
+              "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
+              "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size, "head_dim": self.head_dim,
+              "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
+              "max_position_embeddings": self.max_position_embeddings,
+              "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta, **(scaling or {})},
+              "rope_theta": self.rope_theta, "rope_scaling": scaling}
+        if self.model_type == "qwen2":
+            hf["use_sliding_window"] = False
+        else:
+            hf["attention_bias"] = self.o_bias
+        if self.model_type == "qwen3":
+            hf["use_sliding_window"] = False
+        if self.model_type == "llama":
+            hf["mlp_bias"] = False
+        hf.update({k: getattr(self, k) for k in ("bos_token_id", "eos_token_id") if getattr(self, k) is not None})
+        return hf
+
+    def with_rope(self, theta=None, scaling_type=None, factor=None, original_max_position=None):
+        """This config with its RoPE base and scaling overridden (None keeps the checkpoint's): train.py's
+        rope_* keys for a context-extension run. A new scaling type starts from its required keys;
+        llama3's low/high frequency factors default to Meta's 1 and 4. max_position_embeddings grows to
+        factor x original length. One-line ValueError for what does not add up."""
+        scaling = dict(self.rope_scaling or {"rope_type": "default"})
+        if scaling_type is not None and scaling_type != scaling["rope_type"]:
+            scaling = {"rope_type": scaling_type}
+            if scaling_type == "llama3":
+                scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+        if scaling["rope_type"] == "default" and (factor is not None or original_max_position is not None):
+            raise ValueError("rope_scaling_factor / rope_original_max_position need rope_scaling_type "
+                             "(linear, yarn or llama3): the model has plain RoPE")
+        if factor is not None:
+            scaling["factor"] = float(factor)
+        if original_max_position is not None:
+            scaling["original_max_position_embeddings"] = int(original_max_position)
+        if scaling["rope_type"] in ("yarn", "llama3"):  # transformers' default for the original length
+            scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        scaling = check_rope_scaling(scaling)
+        max_pos = self.max_position_embeddings
+        if scaling and "original_max_position_embeddings" in scaling and (factor or original_max_position):
+            max_pos = max(max_pos, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
+        theta = self.rope_theta if theta is None else float(theta)
+        if not (math.isfinite(theta) and theta > 1):
+            raise ValueError(f"rope_theta={theta}: must be a finite number > 1")
+        return replace(self, rope_theta=theta, rope_scaling=scaling, max_position_embeddings=max_pos)
+
+
+def _rope_from_hf(hf):
+    """(rope_theta, rope_scaling or None) from a config.json: transformers 5.x keeps both in
+    `rope_parameters`; older files have `rope_scaling` (with "type" or "rope_type") and a top-level
+    `rope_theta`. Values inside the dict win, as in transformers' standardize_rope_params."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"unsupported: RoPE parameters per layer type ({', '.join(rope)})")
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope["rope_type"] = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("unsupported: partial_rotary_factor != 1 (RoPE on part of each head)")
+    if rope["rope_type"] in ("yarn", "llama3"):  # a top-level original length wins (transformers: Phi3)
+        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = original or hf.get("max_position_embeddings")
+        if rope["rope_type"] == "yarn" and rope.get("factor") is None:  # transformers: the length ratio
+            rope["factor"] = hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    return theta, check_rope_scaling(rope)
+
+
+def check_rope_scaling(scaling):
+    """A RoPE scaling dict checked against ROPE_TYPES -> itself (None for plain RoPE). ValueError names an
+    unimplemented type (dynamic, longrope, ...) or a missing, unknown or out-of-range key."""
+    kind = scaling.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"RoPE scaling rope_type={kind!r} is not implemented; model.py implements "
+                         f"{', '.join(ROPE_TYPES)}")
+    required, optional = ROPE_TYPES[kind]
+    missing = [k for k in required if scaling.get(k) is None]
+    unknown = [k for k in scaling if k != "rope_type" and k not in required + optional]
+    if missing or unknown:
+        raise ValueError(f"RoPE scaling {kind!r}: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+    if kind == "default":
+        return None
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+        v = scaling.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"RoPE scaling {kind!r}: {k}={v!r} must be a positive number")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"RoPE scaling 'llama3': high_freq_factor={scaling['high_freq_factor']} must exceed "
+                         f"low_freq_factor={scaling['low_freq_factor']}")
+    return scaling
+
+
+def rope_frequencies(head_dim, theta, scaling=None, device=None):
+    """RoPE's inverse frequencies (D/2,) fp32 and its attention factor (cos and sin are multiplied by it),
+    computed as transformers' modeling_rope_utils computes them, operation for operation, so fp32 results
+    are bit-identical:
+        default  theta^(-2i/D)
+        linear   default / factor                                (positions interpolated by `factor`)
+        llama3   wavelengths longer than original/low_freq_factor divided by factor, shorter than
+                 original/high_freq_factor kept, a smooth blend between
+        yarn     blend of default (extrapolation) and default/factor (interpolation) over a linear ramp
+                 between the dims that turn beta_fast and beta_slow times in the original length; the
+                 attention factor is 0.1 ln(factor) + 1 (or mscale/mscale_all_dim's ratio, or given)"""
+    D = head_dim
+    pos_freqs = theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+    inv_freq = 1.0 / pos_freqs
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, blended, scaled), 1.0
+    assert kind == "yarn", kind  # check_rope_scaling refuses the rest
+
+    def mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):  # the dim whose wavelength turns `rotations` times in the original length
+        return (D * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    extrapolation = 1 - ramp  # 1: keep the original frequency (fast dims), 0: interpolate (slow dims)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation, attention_factor
+
+
+def to_hf_name(name):
+    """Our parameter name -> its name in a Hugging Face checkpoint: "model." + name, except lm_head.weight.
+    The one mapping: from_pretrained, save_pretrained and any exporter go through it."""
+    return name if name == "lm_head.weight" else "model." + name
 
 
 PRESETS = {
@@ -116,21 +307,21 @@ class RMSNorm(nn.Module):
 
 
 class RoPE(nn.Module):
-    """Rotary embedding, rotate-half layout: dims (i, i + D/2) form a pair rotated by pos * theta^(-2i/D).
-    Hugging Face's layout, so Qwen2 q/k weights load without permuting rows. No buffers: the
-    frequencies are recomputed in fp32 each call (D/2 numbers), so .to(bf16) and meta-device
-    construction can never degrade them."""
+    """Rotary embedding, rotate-half layout: dims (i, i + D/2) form a pair rotated by pos * inv_freq[i]
+    (rope_frequencies: theta^(-2i/D), or a scaled version). Hugging Face's layout, so q/k weights load
+    without permuting rows. No buffers: the frequencies are recomputed in fp32 each call (D/2 numbers),
+    so .to(bf16) and meta-device construction can never degrade them."""
 
-    def __init__(self, head_dim, theta):
+    def __init__(self, head_dim, theta, scaling=None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     def forward(self, position_ids):  # (N,) -> cos, sin each (N, 1, D) in fp32
-        D = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, D, 2, device=position_ids.device, dtype=torch.float32) / D))
+        inv_freq, attention_factor = rope_frequencies(self.head_dim, self.theta, self.scaling, position_ids.device)
         freqs = position_ids.float()[:, None] * inv_freq  # (N, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, D), broadcasts over heads
-        return emb.cos(), emb.sin()
+        # YaRN scales the logits through q and k: cos and sin times its attention factor (1 otherwise)
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
 
     @staticmethod
     def rotate(x, cos, sin):  # x (N, heads, D)
@@ -197,21 +388,26 @@ class Attention(nn.Module):
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
         assert config.n_head % config.n_kv_head == 0, "GQA needs n_head divisible by n_kv_head"
-        # Qwen2 quirk: q/k/v carry a bias, the output projection does not
-        self.q_proj = nn.Linear(C, config.n_head * D, bias=True)
-        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=True)
-        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=True)
-        self.o_proj = nn.Linear(config.n_head * D, C, bias=False)
+        # Qwen2: q/k/v carry a bias, the output projection does not; Qwen3 and Llama: no bias
+        self.q_proj = nn.Linear(C, config.n_head * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * D, C, bias=config.o_bias)  # H*D need not equal C (Qwen3)
+        # Qwen3: each q and k head is RMS-normalised over its D dims before RoPE (one weight per dim, shared by heads)
+        self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else nn.Identity()
 
     # No forward(): Block calls qkv(), then the attention seam, then o_proj, so that activation
     # checkpointing can cut the block at the seam (see Block).
 
     def qkv(self, x, cos, sin):  # x (N, C) -> q (N, H, D), k and v (N, Hkv, D), RoPE applied
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(N, self.n_head, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(N, self.n_kv_head, self.head_dim))
         v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
-        return RoPE.rotate(q, cos, sin), RoPE.rotate(k, cos, sin), v
+        # under autocast a q/k norm's fp32 weight promotes q and k to fp32: rotate them there, then hand the
+        # attention kernels (flash on CUDA: bf16 only) the projections' dtype, as autocast does in transformers
+        return RoPE.rotate(q, cos, sin).to(v.dtype), RoPE.rotate(k, cos, sin).to(v.dtype), v
 
 
 class MLP(nn.Module):
@@ -280,7 +476,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.rope = RoPE(config.head_dim, config.rope_theta)
+        self.rope = RoPE(config.head_dim, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -289,7 +485,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, so parameters() yields it once
 
     @staticmethod
-    def _init_weights(module):  # transformers' Qwen2 init: N(0, 0.02), zero biases, unit norms
+    def _init_weights(module):  # transformers' init for these families: N(0, 0.02), zero biases, unit norms
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -362,23 +558,25 @@ class Transformer(nn.Module):
         return F.cross_entropy(self.lm_head(x).float(), targets, reduction="sum")
 
     # -------------------------------------------------------------------------
-    # Hugging Face checkpoints: our parameter name = HF name without the "model." prefix
+    # Hugging Face checkpoints: our parameter name = HF name without the "model." prefix (to_hf_name)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None):
-        """Load a local Hugging Face Qwen2/Qwen2.5 directory: config.json plus model.safetensors or a
+    def from_pretrained(cls, path, dtype=None, config=None):
+        """Load a local Hugging Face Qwen2/Qwen2.5, Qwen3 or Llama 3 directory: config.json plus model.safetensors or a
         sharded model.safetensors.index.json. No network, safetensors only. dtype: the parameter
-        dtype; None keeps torch's default (fp32: what training with bf16 autocast wants)."""
+        dtype; None keeps torch's default (fp32: what training with bf16 autocast wants). config: a
+        ModelConfig to build instead of config.json's (train.py's, its RoPE overridden); the tensors are
+        checked against it."""
         from safetensors.torch import load_file
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: not a directory (expected a local Hugging Face Qwen2 checkpoint)")
+            raise FileNotFoundError(f"{path}: not a directory (expected a local Hugging Face checkpoint directory)")
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{path}: no config.json")
         with open(config_file) as f:
             try:
-                config = ModelConfig.from_hf(json.load(f))
+                config = config or ModelConfig.from_hf(json.load(f))
             except ValueError as e:
                 raise ValueError(f"{config_file}: {e}") from None
         index_file = os.path.join(path, "model.safetensors.index.json")
@@ -403,7 +601,7 @@ class Transformer(nn.Module):
             expected.pop("lm_head.weight")  # tied checkpoints usually omit it; if present it is a copy
         state, missing = {}, []
         for name, shape in expected.items():
-            hf_name = name if name == "lm_head.weight" else "model." + name
+            hf_name = to_hf_name(name)
             if hf_name not in hf:
                 missing.append(hf_name)
                 continue
@@ -415,6 +613,12 @@ class Transformer(nn.Module):
         if missing:
             raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
+        # what is left was not asked for: a tied checkpoint's copy of lm_head, RoPE buffers some exporters save,
+        # or weights this config.json does not describe (a bias, a q/k norm): refuse those rather than drop them
+        unused = sorted(n for n in hf if n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq"))
+        if unused:
+            raise ValueError(f"{path}: {len(unused)} tensors that config.json does not describe "
+                             f"(model_type={config.model_type!r}): {', '.join(unused[:8])}" + (" ..." if len(unused) > 8 else ""))
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
@@ -426,7 +630,7 @@ class Transformer(nn.Module):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_hf(), f, indent=2)
-        state = {(n if n == "lm_head.weight" else "model." + n): t.detach().contiguous().cpu()
+        state = {to_hf_name(n): t.detach().contiguous().cpu()
                  for n, t in self.state_dict().items()
                  if not (n == "lm_head.weight" and self.config.tie_embeddings)}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

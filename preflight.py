@@ -16,7 +16,7 @@ import scheduler
 from checkpoint import RESUME_MUST_MATCH, read_metadata, resume_identity
 from data.synthetic import MIN_LEN, TABLE1
 from memory import USABLE
-from model import PRESETS
+from model import PRESETS, ROPE_TYPES, ModelConfig
 
 
 def fail(msg):
@@ -54,6 +54,13 @@ def _check_numbers(c):
             fail(f"{k}={getattr(c, k)!r}: expected a path")
     if not 0.0 <= c.eval_fraction < 1.0:
         fail(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
+    for k, low in (("rope_theta", 1), ("rope_scaling_factor", 1), ("rope_original_max_position", 1)):
+        v = getattr(c, k)  # None keeps the checkpoint's
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low
+                              or (k == "rope_original_max_position" and not isinstance(v, int))):
+            fail(f"{k}={v!r}: must be " + ("an integer" if k == "rope_original_max_position" else "a number") + f" >= {low} (or None)")
+    if c.rope_scaling_type is not None and c.rope_scaling_type not in ROPE_TYPES:
+        fail(f"rope_scaling_type={c.rope_scaling_type!r} is not implemented; expected one of {', '.join(ROPE_TYPES)}")
 
 
 def _check_choices(c, world_size, ddp):
@@ -67,8 +74,9 @@ def _check_choices(c, world_size, ddp):
             fail(str(e))
     if c.schedule not in scheduler.POLICIES:
         fail(f"schedule={c.schedule!r}: expected one of {', '.join(scheduler.POLICIES)}")
-    if c.model_preset not in PRESETS:
-        fail(f"model_preset={c.model_preset!r}: expected one of {', '.join(PRESETS)}")
+    if c.model_preset not in PRESETS and not _hf_config_file(c.model_preset):
+        fail(f"model_preset={c.model_preset!r}: expected one of {', '.join(PRESETS)}, or a Hugging Face config.json "
+             f"(or a directory holding one)")
     if c.synthetic_dist not in TABLE1:
         fail(f"synthetic_dist={c.synthetic_dist!r}: expected one of {', '.join(TABLE1)}")
     if c.synthetic_max_len < MIN_LEN:
@@ -109,8 +117,12 @@ def _check_paths(c):
             fail(f"init_from={c.init_from!r} is a training run's out_dir, not a Hugging Face checkpoint: "
                  f"to continue it use --init_from=resume --out_dir={c.init_from}")
         if not os.path.isfile(os.path.join(c.init_from, "config.json")):
-            fail(f"init_from={c.init_from!r}: expected 'scratch', 'resume' or a local Hugging Face Qwen2 directory "
-                 f"(config.json + model.safetensors)")
+            fail(f"init_from={c.init_from!r}: expected 'scratch', 'resume' or a local Hugging Face Qwen2, Qwen3 or Llama 3 "
+                 f"directory (config.json + model.safetensors)")
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if not c.dry_run and not any(os.path.isfile(os.path.join(c.init_from, w)) for w in weights):
+            fail(f"init_from={c.init_from!r} has a config.json but no model.safetensors or model.safetensors.index.json "
+                 f"(a config.json alone is enough for --dry_run=True)")
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         fail(f"out_dir={c.out_dir!r} is a file, not a directory")
 
@@ -152,6 +164,41 @@ def _check_out_dir(c, dp):
     return meta
 
 
+def _hf_config_file(path):
+    """The config.json that `path` names (the file, or a directory holding it), or None."""
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    return path if os.path.isfile(path) else None
+
+
+def model_config(config, meta_ckpt, dataset_vocab):
+    """The ModelConfig of train.py's run (`config`, its values): the checkpoint's when resuming (metadata
+    `meta_ckpt`), model_preset's when starting from scratch (a preset or a config.json, its vocabulary grown
+    to the dataset tokenizer's rounded up to 64), else init_from's config.json; then the rope_* keys over its
+    RoPE. Reads no weights, so a dry run needs a config.json only."""
+    c = SimpleNamespace(**config)
+    source = "model_preset" if c.init_from == "scratch" else "init_from"
+    try:
+        if c.init_from == "resume":
+            mc = ModelConfig(**json.loads(meta_ckpt["model_config"]))
+        elif c.init_from == "scratch" and c.model_preset in PRESETS:
+            mc = PRESETS[c.model_preset]
+        else:
+            with open(_hf_config_file(c.model_preset if c.init_from == "scratch" else c.init_from)) as f:
+                mc = ModelConfig.from_hf(json.load(f))
+        if c.init_from == "scratch":
+            mc = ModelConfig(**{**mc.__dict__, "vocab_size": max(mc.vocab_size, -(-dataset_vocab // 64) * 64)})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{source}={getattr(c, source)!r}: {e}")
+    try:
+        mc = mc.with_rope(c.rope_theta, c.rope_scaling_type, c.rope_scaling_factor, c.rope_original_max_position)
+    except ValueError as e:
+        fail(f"RoPE of {getattr(c, source)!r} with rope_theta={c.rope_theta}, rope_scaling_type={c.rope_scaling_type!r}, "
+             f"rope_scaling_factor={c.rope_scaling_factor}, rope_original_max_position={c.rope_original_max_position}: {e}")
+    if dataset_vocab > mc.vocab_size:
+        fail(f"dataset vocab {dataset_vocab} exceeds the model's {mc.vocab_size}: prepare the data with the model's tokenizer")
+    return mc
+
+
 def check_bucket(bucket_size, cp, longest, dataset):
     """bucket_size (resolved: 0 was replaced by the profile's or the memory model's) as an int, checked to
     hold the dataset's longest sample at this cp: fail now, not at the step that first draws it."""
@@ -175,7 +222,11 @@ def dry_run(lengths_list, *, dp, cp, bucket_size, policy, seed, cost, mem, model
     plans = [scheduler.schedule(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=policy, cost=cost, seed=seed + it)
              for it, lengths in enumerate(lengths_list)]
     world = dp * cp
-    out(f"dry run: {model_name} ({mem.static['n_params'] / 1e9:.2f}B params) | world {world} = dp {dp} x cp {cp} | "
+    mc, scaling = cost.config, dict(getattr(cost.config, "rope_scaling", None) or {})
+    rope = f"RoPE theta {getattr(mc, 'rope_theta', 0):g}" + (f" {scaling.pop('rope_type')} " + " ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in scaling.items()) if scaling else "")
+    out(f"dry run: {model_name} ({mem.static['n_params'] / 1e9:.2f}B params, {getattr(mc, 'model_type', 'qwen2')}, {rope}) | "
+        f"world {world} = dp {dp} x cp {cp} | "
         f"fsdp {mem.fsdp} | activation_checkpoint {mem.recompute} | bucket {bucket_size} | "
         f"{len(plans)} global batches of {dataset}")
     peak_tokens, step_time = _rank_peaks(plans, lengths_list, cp, cost)

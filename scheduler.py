@@ -58,15 +58,16 @@ def padded_len(s, cp):
 # 2. cost model
 #
 # FLOPs of one sequence of length s, forward, one layer (2 FLOPs per multiply-add; h = n_embd,
-# h_kv = n_kv_head * head_dim, I = intermediate_size, V = vocab_size):
-#   q and o projections            2 * 2*s*h*h        = 4 s h^2
+# h_q = n_head * head_dim (h itself unless head_dim is given, as Qwen3's is), h_kv = n_kv_head * head_dim,
+# I = intermediate_size, V = vocab_size):
+#   q and o projections            2 * 2*s*h*h_q      = 4 s h h_q
 #   k and v projections (GQA)      2 * 2*s*h*h_kv     = 4 s h h_kv
 #   SwiGLU MLP: gate, up, down     3 * 2*s*h*I        = 6 s h I
-#   attention QK^T and PV          2 * 2*h*s^2 / 2    = 2 h s^2   (causal: half of the s x s pairs)
-# plus the lm_head once per token, 2 s h V. Norms, RoPE, softmax and the loss are O(s h), ignored.
-# Backward is twice the forward (grads w.r.t. inputs and weights), so forward+backward = 3x:
-#   F_lin(s)  = 3 s (n_layer (4 h^2 + 4 h h_kv + 6 h I) + 2 h V)
-#   F_attn(s) = 3 n_layer 2 h s^2        (1/3 of it in the forward, 2/3 in the backward)
+#   attention QK^T and PV          2 * 2*h_q*s^2 / 2  = 2 h_q s^2   (causal: half of the s x s pairs)
+# plus the lm_head once per token, 2 s h V. Norms (Qwen3's q/k norms too), RoPE, softmax and the loss are
+# O(s h), ignored. Backward is twice the forward (grads w.r.t. inputs and weights), so forward+backward = 3x:
+#   F_lin(s)  = 3 s (n_layer (4 h h_q + 4 h h_kv + 6 h I) + 2 h V)
+#   F_attn(s) = 3 n_layer 2 h_q s^2      (1/3 of it in the forward, 2/3 in the backward)
 # For Qwen2.5-0.5B the quadratic term overtakes the per-layer linear one at s = 2h + 2h_kv + 3I = 16.6K
 # tokens (23K counting the lm_head). The ~4.6K often quoted for this model counts a narrower MLP (4h)
 # and no causal halving. Measured time is what matters: a, a_attn, a_ring are fitted.
@@ -101,10 +102,14 @@ CONSTANTS = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb", "p2p_latency", 
 
 
 def _shape(config):
-    """A ModelConfig, a dict of its fields, or a SHAPES key (None: qwen2.5-0.5b) -> the fields used here."""
+    """A ModelConfig, a dict of its fields, or a SHAPES key (None: qwen2.5-0.5b) -> the fields used here.
+    Fields a dict leaves out take ModelConfig's defaults (Qwen2's: head_dim n_embd // n_head, q/k/v bias)."""
     config = "qwen2.5-0.5b" if config is None else config
     config = SHAPES[config] if isinstance(config, str) else config
-    return SimpleNamespace(**config) if isinstance(config, dict) else config
+    if isinstance(config, dict):
+        config = SimpleNamespace(**{"head_dim": None, "qkv_bias": True, "o_bias": False, "qk_norm": False,
+                                    "tie_embeddings": True, **config})
+    return config
 
 
 def _preset_name(c):
@@ -150,12 +155,14 @@ class CostModel:
     def __init__(self, config=None, profile=None, memory=None):
         c = self.config = _shape(config)
         h, L, I, V = c.n_embd, c.n_layer, c.intermediate_size, c.vocab_size
-        h_kv = c.n_kv_head * (c.n_embd // c.n_head)
+        D = c.head_dim or h // c.n_head
+        h_q, h_kv = c.n_head * D, c.n_kv_head * D
         self.n_layer, self.h_kv = L, h_kv
-        self.lin_flops = 3 * (L * (4 * h * h + 4 * h * h_kv + 6 * h * I) + 2 * h * V)  # per token
-        self.attn_flops = 3 * L * 2 * h                                                # per token^2
-        self.n_params = L * (2 * h * h + 2 * h * h_kv + 3 * h * I + h + 2 * h_kv + 2 * h) + h + \
-            V * h * (1 if getattr(c, "tie_embeddings", True) else 2)
+        self.lin_flops = 3 * (L * (4 * h * h_q + 4 * h * h_kv + 6 * h * I) + 2 * h * V)  # per token
+        self.attn_flops = 3 * L * 2 * h_q                                                  # per token^2
+        per_layer = 2 * h * h_q + 2 * h * h_kv + 3 * h * I + 2 * h  # projections, MLP, the two norms
+        per_layer += (h_q + 2 * h_kv) * c.qkv_bias + h * c.o_bias + 2 * D * c.qk_norm
+        self.n_params = L * per_layer + h + V * h * (1 if c.tie_embeddings else 2)
         p = dict(H100)
         self.a = 1.0 / (p["peak_flops"] * p["mfu"])  # s per FLOP, linear layers
         self.a_attn = self.a                         # s per FLOP, local attention

@@ -29,9 +29,14 @@ from torch.distributed.device_mesh import init_device_mesh
 # default config values; override with config/*.py then --key=value (configurator.py)
 # I/O
 out_dir = "out"
-init_from = "scratch"  # 'scratch' | 'resume' (continue the run in out_dir) | path to a local Hugging Face Qwen2/Qwen2.5 directory
+init_from = "scratch"  # 'scratch' | 'resume' (continue the run in out_dir) | a local Hugging Face Qwen2/Qwen2.5, Qwen3 or Llama 3 directory
 overwrite = False  # True: a fresh run may replace the checkpoint and metrics of an earlier run in out_dir
-model_preset = "tiny"  # model.PRESETS key, used when init_from='scratch'
+model_preset = "tiny"  # model.PRESETS key, or a Hugging Face config.json (or its directory): the shape when init_from='scratch'
+# context extension: override the checkpoint's RoPE (None keeps it; the export's config.json carries the result)
+rope_theta = None  # RoPE base
+rope_scaling_type = None  # default (plain RoPE) | linear | yarn | llama3
+rope_scaling_factor = None  # how many times the original context the scaling stretches to
+rope_original_max_position = None  # the context length the checkpoint was trained at (yarn, llama3)
 checkpoint_interval = 50  # iters between checkpoints (and always at the end); 0 = never
 log_interval = 1  # iters between console lines (metrics.jsonl gets every step)
 dump_grads = False  # write the all-reduced gradients of the first step to out_dir/grads.safetensors
@@ -48,7 +53,7 @@ eval_batches = 4  # held-out global batches per evaluation, the same ones every 
 lora_rank = 0  # 0 = full fine-tuning; r > 0 trains rank-r adapters only, every other weight frozen
 lora_alpha = 16  # adapter scale alpha / r (PEFT's convention)
 lora_targets = "q_proj,k_proj,v_proj,o_proj"  # comma-separated projections to adapt, or "all"
-export = True  # at the end, write out_dir/hf/ (Hugging Face Qwen2; LoRA merged) and out_dir/adapter/ (PEFT)
+export = True  # at the end, write out_dir/hf/ (Hugging Face, the model's family; LoRA merged) and out_dir/adapter/ (PEFT)
 # Skrull
 cp = 1  # context-parallel degree; dp = world_size // cp
 schedule = "skrull"  # one of scheduler.POLICIES: naive | sorted | dacp | skrull (the paper) | skrull_plus (ours)
@@ -91,7 +96,7 @@ import preflight  # noqa: E402
 import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
 from memory import MemoryModel, StateMeter  # noqa: E402
-from model import PRESETS, ModelConfig, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
 from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402
 from planner import Planner  # noqa: E402
 from preflight import fail  # noqa: E402
@@ -204,19 +209,7 @@ def load_microbatch(mb, idx):
 
 ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if init_from == "resume":
-    model_config = ModelConfig(**json.loads(meta_ckpt["model_config"]))
-elif init_from == "scratch":  # the preset's vocabulary, grown to the dataset tokenizer's rounded up to 64
-    model_config = ModelConfig(**{**PRESETS[model_preset].__dict__,
-                                  "vocab_size": max(PRESETS[model_preset].vocab_size, -(-ds.meta["vocab_size"] // 64) * 64)})
-else:
-    try:
-        with open(os.path.join(init_from, "config.json")) as f:
-            model_config = ModelConfig.from_hf(json.load(f))
-    except (OSError, ValueError, KeyError) as e:
-        fail(f"init_from={init_from!r}: {e}")
-if ds.meta["vocab_size"] > model_config.vocab_size:
-    fail(f"dataset vocab {ds.meta['vocab_size']} exceeds the model's {model_config.vocab_size}: prepare the data with the model's tokenizer")
+model_config = preflight.model_config(config, meta_ckpt, ds.meta["vocab_size"])  # a preset, config.json or checkpoint's, RoPE overridden
 
 profile_data = {}  # the profile JSON: measured cost constants, bucket_size, device_memory
 if profile is not None:
@@ -246,7 +239,7 @@ if init_from in ("scratch", "resume"):
     model = Transformer(model_config)
 else:
     try:
-        model = Transformer.from_pretrained(init_from)
+        model = Transformer.from_pretrained(init_from, config=model_config)
     except (OSError, ValueError, KeyError) as e:
         fail(f"init_from={init_from!r}: {e}")
 if lora_rank:  # adapters next to the chosen projections; every other parameter frozen (no grad)

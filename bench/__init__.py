@@ -6,6 +6,8 @@
     python -m bench.memory    # FSDP2 vs all-reduce on CPU; on a GPU, measured peak memory vs memory.py's model
     python -m bench.gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
     python -m bench.plan      # planning time per rank and the step's wait, 32 to 4,096 GPUs, before and after
+    python -m bench.parity    # our model vs transformers' Qwen2/Qwen3/Llama for every RoPE scaling
+    python -m bench.prepare_speed  # data/prepare.py tokens/s and peak memory at 1 process and every core
 
 bench/common.py holds what they share. The cost constants train.py reads come from calibrate.py,
 which is part of running the method, not a benchmark.

@@ -227,10 +227,13 @@ def test_from_pretrained_errors(tmp_path):
             save_file(state, d / "model.safetensors", metadata={"format": "pt"})
         return d
 
-    with pytest.raises(ValueError, match="unsupported architecture.*llama"):
+    with pytest.raises(ValueError, match="unsupported architecture.*mistral"):
+        Transformer.from_pretrained(variant("mistral", {**cfg, "model_type": "mistral"}))
+    # Qwen2 weights under a Llama config.json: the q/k/v biases are not silently dropped
+    with pytest.raises(ValueError, match=r"6 tensors that config.json does not describe \(model_type='llama'\)"):
         Transformer.from_pretrained(variant("llama", {**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="RoPE scaling"):
-        Transformer.from_pretrained(variant("yarn", {**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(ValueError, match="rope_type='dynamic' is not implemented"):
+        Transformer.from_pretrained(variant("dynamic", {**cfg, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         Transformer.from_pretrained(variant("noweights", weights=False))
     with pytest.raises(ValueError, match=r"missing 1 tensors: model\.layers\.1\.mlp\.up_proj\.weight"):

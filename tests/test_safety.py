@@ -79,6 +79,9 @@ def test_bad_config_is_one_line_and_touches_nothing(tmp_path, dataset, finished)
     before = snapshot(finished)
     afile = tmp_path / "afile"
     afile.write_text("mine")
+    config_only = tmp_path / "config_only"  # a Hugging Face directory without weights: enough for a dry run only
+    config_only.mkdir()
+    (config_only / "config.json").write_text('{"model_type": "qwen3"}')
     cases = [  # (overrides, words the message must contain)
         (dict(schedule="bogus"), ["schedule='bogus'", "skrull"]),
         (dict(log_interval=0), ["log_interval=0"]),
@@ -90,6 +93,10 @@ def test_bad_config_is_one_line_and_touches_nothing(tmp_path, dataset, finished)
         (dict(init_from=str(finished)), ["--init_from=resume"]),
         (dict(model_preset="huge"), ["model_preset='huge'", "tiny"]),
         (dict(threads=0), ["threads=0"]),
+        (dict(rope_scaling_type="dynamic"), ["rope_scaling_type='dynamic' is not implemented", "yarn"]),
+        (dict(rope_scaling_factor=0.5), ["rope_scaling_factor=0.5"]),
+        (dict(rope_scaling_factor=2, od=tmp_path / "new"), ["need rope_scaling_type"]),  # tiny has plain RoPE
+        (dict(init_from=str(config_only), od=tmp_path / "new"), ["no model.safetensors", "dry_run"]),
         (dict(activation_checkpoint="some"), ["activation_checkpoint='some'", "selective"]),  # (bucket_size=0 is
         (dict(fsdp=True), ["fsdp=True", "torchrun"]),  # valid now: the memory model gives the bucket)
         (dict(), ["--init_from=resume", "--overwrite=True"]),  # a fresh run into a finished run's out_dir
