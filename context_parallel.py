@@ -283,25 +283,30 @@ _P2P_STREAMS = {}  # one side stream per device, shared by all layers
 
 
 class _Ring:
-    """Real P2P (gloo or NCCL) between the processes of a CP group."""
+    """Real P2P (gloo or NCCL) between the processes of a CP group. On CUDA every stream it touches is
+    one of `device`'s, the device the buffers live on: torch.cuda.current_stream() alone would be the
+    CURRENT device's, a different one in a process that never called torch.cuda.set_device, and then
+    nothing would order the hop after the kernels that wrote the buffer (a silent race)."""
 
     def __init__(self, group, device):
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)  # P2P takes global ranks
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
-        self.stream = None  # CPU (gloo): no streams, P2P is already asynchronous
-        if device.type == "cuda":
-            if device not in _P2P_STREAMS:
-                _P2P_STREAMS[device] = torch.cuda.Stream(device)
-            self.stream = _P2P_STREAMS[device]
+        self.device, self.stream = torch.device(device), None  # CPU (gloo): no streams, P2P is already asynchronous
+        if self.device.type == "cuda":
+            if self.device not in _P2P_STREAMS:
+                _P2P_STREAMS[self.device] = torch.cuda.Stream(self.device)
+            self.stream = _P2P_STREAMS[self.device]
 
     def post(self, bufs, tag):
         """Start sending bufs[0] to next and receiving the same shape from prev."""
         (buf,), stream = bufs, self.stream
+        if buf.device != self.device:
+            raise ValueError(f"ring on {self.device} was given a buffer on {buf.device}")
         recv = torch.empty_like(buf)
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())  # buf is fully written before it leaves
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # buf is fully written before it leaves
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self.next, self.group, tag),
                                            dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
@@ -314,7 +319,7 @@ class _Ring:
                 for req in reqs:
                     req.wait()
             if stream is not None:
-                torch.cuda.current_stream().wait_stream(stream)  # an event: compute waits for recv
+                torch.cuda.current_stream(self.device).wait_stream(stream)  # an event: compute waits for recv
             return [recv]
         return wait
 

@@ -113,7 +113,9 @@ if ddp:
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    # device_id binds NCCL to this rank's GPU; without it the first collective guesses rank % local GPUs
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                            device_id=torch.device(device) if device_type == "cuda" else None)
     mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
     cp_group = mesh["cp"].get_group() if cp > 1 else None
 if threads is not None and not device.startswith("cuda"):
