@@ -91,7 +91,8 @@ import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
 from memory import MemoryModel, StateMeter  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
-from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402
+from parallelize import (all_reduce_grads, check_ranks_agree, empty_microbatch, init_distributed, parallelize,  # noqa: E402
+                         reshard_all, unshard_all)
 from preflight import fail  # noqa: E402
 
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
@@ -110,12 +111,7 @@ dp = world_size // cp
 dp_rank, cp_rank = rank // cp, rank % cp
 cp_group = None
 if ddp:
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    # device_id binds NCCL to this rank's GPU; without it the first collective guesses rank % local GPUs
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                            device_id=torch.device(device) if device_type == "cuda" else None)
+    device = init_distributed(device_type, local_rank)  # CUDA: NCCL on GPU local_rank; CPU: gloo
     mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
     cp_group = mesh["cp"].get_group() if cp > 1 else None
 if threads is not None and not device.startswith("cuda"):
@@ -176,7 +172,7 @@ def load_microbatch(mb, idx):
     distributed sequences (padded to a multiple of 2*cp) followed by its whole local sequences, and the
     attention function every layer calls. Its AttnPlan is built here, once per micro-batch, from CPU
     lists: the layers then run without reading offsets back from the device (no host-device syncs)."""
-    from context_parallel import AttnPlan, attention, pad_to_multiple, zigzag_shard
+    from context_parallel import AttnPlan, attention, pad_to_multiple, to_device, zigzag_shard
     parts, cu_dist = [], None
     if mb.distributed:
         xs, ys, ps = zip(*(sequence_tensors(idx[j]) for j in mb.distributed))
@@ -191,7 +187,7 @@ def load_microbatch(mb, idx):
     if not parts:
         return None
     cu_local = np.concatenate([[0], np.cumsum([int(ds.lengths[idx[j]]) for j in local], dtype=np.int64)]).tolist()
-    x, y, p = (torch.cat(t).to(device) for t in zip(*parts))
+    x, y, p = (to_device(torch.cat(t), device) for t in zip(*parts))  # CUDA: pinned, non-blocking
     # the model calls this instead of its own attention: it never knows about CP
     plan = AttnPlan(cu_dist, cu_local, device, group=cp_group, world=cp, rank=cp_rank)
     return x[None], y[None], p[None], partial(attention, plan=plan)
@@ -308,13 +304,14 @@ def run_batch(idx, plan, train):
     n_targets = sum(int(ds.get(int(i))[1][1:].sum()) for i in idx)
     denom = max(n_targets, 1)
     loss_sum = torch.zeros((), device=device)
-    mbs = plan[dp_rank]
+    # a DP rank the plan gives no micro-batch still runs one empty one under FSDP2: its reduce-scatter
+    mbs = plan[dp_rank] or ([None] if fsdp and train else [])
     for i, mb in enumerate(mbs):  # micro-batch counts may differ between DP ranks: no collective inside
         last = train and i == len(mbs) - 1
         if fsdp and train:  # accumulate unsharded gradients; reduce-scatter them and reshard only after the last
             raw_model.set_requires_gradient_sync(last)
             raw_model.set_reshard_after_backward(last)
-        batch = load_microbatch(mb, idx)
+        batch = load_microbatch(mb, idx) if mb is not None else None
         if batch is None:  # this CP rank holds nothing in this micro-batch (no distributed sequences)
             if not (fsdp and last):
                 continue
@@ -420,7 +417,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             rec.update(state)
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
-            rec["predicted_memory"] = int(mem.peak(max(mb.rank_tokens(lengths)[cp_rank] for mb in plan[dp_rank])))
+            rec["predicted_memory"] = int(mem.peak(max((mb.rank_tokens(lengths)[cp_rank] for mb in plan[dp_rank]), default=0)))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
