@@ -52,6 +52,8 @@ def _check_numbers(c):
     for k in ("dataset", "profile"):
         if getattr(c, k) is not None and not isinstance(getattr(c, k), str):
             fail(f"{k}={getattr(c, k)!r}: expected a path")
+    if not (isinstance(c.peak_flops, (int, float)) and math.isfinite(c.peak_flops) and c.peak_flops >= 0):
+        fail(f"peak_flops={c.peak_flops!r}: must be a finite number of FLOP/s >= 0 (0: the table of known GPUs)")
     if not 0.0 <= c.eval_fraction < 1.0:
         fail(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
 

@@ -79,6 +79,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 compile = False  # torch.compile the model (checkpoints keep the uncompiled names)
 threads = None  # torch.set_num_threads per process on CPU; None -> torch's default
 seed = 1337  # data order, held-out split, init and plans: the same on every rank
+peak_flops = 0.0  # one device's peak FLOP/s, for MFU; 0 -> mfu.PEAK_BF16 by GPU name (none on CPU: no mfu)
 # -----------------------------------------------------------------------------
 _train_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -90,6 +91,7 @@ import preflight  # noqa: E402
 import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
 from memory import MemoryModel, StateMeter  # noqa: E402
+from mfu import device_peak_flops, step_mfu  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from parallelize import (all_reduce_grads, check_ranks_agree, empty_microbatch, init_distributed, parallelize,  # noqa: E402
                          reshard_all, unshard_all)
@@ -358,6 +360,7 @@ log(f"world {world_size} = dp {dp} x cp {cp} | schedule {schedule} | bucket {buc
 log(f"memory model per rank: state {mem.static['persistent'] / 2**20:,.1f} MiB between steps, "
     f"{mem.static['peak'] / 2**20:,.1f} MiB peak; activations {mem.alpha / 2**10:,.1f} KiB/token + "
     f"{mem.beta / 2**20:,.1f} MiB (state_bytes_per_rank and peak_state_bytes_per_rank follow the first step)")
+device_peak = device_peak_flops(device, peak_flops)  # FLOP/s, for MFU; None: unknown (CPU), no mfu
 t_start, dts = time.time(), []  # dts: step times, for the eta
 last_saved = start_iter  # the iteration of the checkpoint in out_dir (0: none)
 for it in range(start_iter, max_iters):  # `it` counts steps done; this is step it + 1 in the logs and metrics
@@ -411,6 +414,8 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
                "grad_norm": round(grad_norm, 6), "dt_ms": round(dt * 1e3, 2), "tok_per_s": round(tokens / dt, 1),
                "n_microbatches": max(len(m) for m in plan), "peak_tokens_per_rank": peak,
                "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
+        if device_peak:  # the cost model's FLOPs of this step's sequences over world_size devices' peak
+            rec["mfu"] = round(step_mfu(cost, lengths, dt, world_size, device_peak, lora=bool(lora_rank)), 5)
         if eval_loss is not None:
             rec["eval_loss"] = round(eval_loss, 6)
         if measure:
@@ -423,6 +428,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
             eta = (max_iters - it - 1) * sum(dts[-10:]) / len(dts[-10:])
             mem_s = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
+            mem_s += f" | mfu {rec['mfu']:.1%}" if device_peak else ""
             ev = f" | eval {eval_loss:.4f}" if eval_loss is not None else ""
             log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f}{ev} | lr {lr:.2e} | "
                 f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
