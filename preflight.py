@@ -154,6 +154,29 @@ def _check_out_dir(c, dp):
     return meta
 
 
+def check_profile_regime(profile, *, fsdp, activation_checkpoint, dtype, world, out=print):
+    """Warn (one line through `out`) when the profile JSON from calibrate.py was measured in another regime
+    than this run's (fsdp, activation_checkpoint, dtype; under FSDP2 also the world size, which sets the
+    state per rank): its compute constants and bucket_size then describe that other regime. Returns the
+    warning, or None."""
+    regime = profile.get("regime")
+    if regime is None:
+        msg = ("the profile records no regime (made by an older calibrate.py): its constants and bucket_size may "
+               "describe another regime than this run's; rerun `python calibrate.py`")
+    else:
+        mine = {"fsdp": bool(fsdp), "activation_checkpoint": activation_checkpoint, "dtype": dtype}
+        if fsdp and regime.get("fsdp"):
+            mine["world"] = world
+        diff = [f"{k} {regime.get(k)!r} there, {v!r} here" for k, v in mine.items() if regime.get(k) != v]
+        if not diff:
+            return None
+        msg = (f"the profile was measured in another regime than this run's ({'; '.join(diff)}): its compute "
+               f"constants and bucket_size describe that one; rerun `python calibrate.py` with "
+               f"--fsdp/--activation_checkpoint/--procs to match")
+    out(f"warning: {msg}")
+    return msg
+
+
 def check_bucket(bucket_size, cp, longest, dataset):
     """bucket_size (resolved: 0 was replaced by the profile's or the memory model's) as an int, checked to
     hold the dataset's longest sample at this cp: fail now, not at the step that first draws it."""

@@ -221,6 +221,9 @@ if profile is not None:
 mem = MemoryModel(model_config, world=world_size, fsdp=fsdp, recompute=activation_checkpoint,
                   dtype=compute_dtype or torch.float32, device_memory=device_memory or profile_data.get("device_memory") or 80e9)
 cost = scheduler.CostModel.from_profile(model_config, profile, memory=mem) if profile else scheduler.CostModel(model_config, memory=mem)
+if profile is not None:  # a warning when calibrate.py measured another regime (fsdp, recompute, dtype, world)
+    preflight.check_profile_regime(profile_data, fsdp=fsdp, activation_checkpoint=activation_checkpoint,
+                                   dtype=dtype if device_type == "cuda" else "float32", world=world_size, out=log)
 if not bucket_size:  # 0: the profile's measured bucket, else the memory model's
     bucket_size = profile_data["bucket_size"] if profile is not None else mem.bucket_size
 bucket_size = preflight.check_bucket(bucket_size, cp, int(ds.lengths.max()), dataset)
