@@ -1,6 +1,5 @@
 """The CUDA and NCCL paths a GPU review found wrong, checked on CPU: the logic runs here with gloo or with
 CUDA mocked (calls recorded), and what needs a GPU is a cuda-marked test or a row of `python -m bench.gpu`."""
-import os
 import signal
 import subprocess
 
