@@ -193,6 +193,8 @@ def run_part(name, args):
         os.replace(path + ".tmp", path)
     try:
         PART_FUNCTIONS[name](dev, dtype, args.tmp, args, emit)
+    except TimeLimit:
+        sys.exit(1)
     except (Exception, SystemExit) as e:  # SystemExit: a failed train.py run (bench.common.train_run)
         got = json.load(open(path)) if os.path.exists(path) else {"rows": [], "extra": {}}
         emit([Row(**r) for r in got["rows"]] + [_failed_row(name, e)], got["extra"])
