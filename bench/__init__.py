@@ -4,7 +4,7 @@
     python -m bench.e2e       # every policy end to end (train.py), measured vs CostModel's prediction
     python -m bench.lora      # LoRA vs full fine-tuning: trainable params, optimizer-state bytes, tokens/s
     python -m bench.memory    # FSDP2 vs all-reduce on CPU; on a GPU, measured peak memory vs memory.py's model
-    python -m bench.gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
+    python -m bench.gpu       # the one GPU check: CUDA paths vs fp64, both train.py paths, 0.5B tokens/s, MFU, memory
 
 bench/common.py holds what they share. The cost constants train.py reads come from calibrate.py,
 which is part of running the method, not a benchmark.
