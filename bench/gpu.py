@@ -12,6 +12,8 @@ Parts, in this order (PARTS):
   train_autocast  train.py with fsdp=False: bf16 autocast, fused AdamW on plain tensors; checkpoint + resume
   train_fsdp      train.py with fsdp=True (its default under torchrun on CUDA): FSDP2 bf16 mixed precision, naive
                   vs skrull, checkpoint + resume, and its losses against train_autocast's
+  calibrate       calibrate.py on small shapes: in train.py's regime (FSDP2 mixed precision), memory measured,
+                  the P2P constants left at the prior on one GPU
   throughput      tokens/s and MFU of Qwen2.5-0.5B with its real vocabulary under FSDP2 mixed precision, naive vs
                   skrull alternating; every step's peak memory against memory.py's prediction
 Every train.py run is one torchrun rank with eval_fraction=0 and export=False. A row passes when its error is
@@ -39,8 +41,9 @@ Part = namedtuple("Part", "name limit_s what")
 PARTS = (
     Part("correctness", 120, "kernels (and query length 1 under GQA), in-process ring, no host sync, 2-layer model, all-reduce + fused AdamW"),
     Part("train_autocast", 75, "train.py fsdp=False: bf16 autocast, fused AdamW on plain tensors, checkpoint + resume"),
-    Part("train_fsdp", 110, "train.py fsdp=True: FSDP2 bf16 mixed precision, naive vs skrull, checkpoint + resume"),
-    Part("throughput", 165, "Qwen2.5-0.5B tokens/s and MFU under FSDP2, naive vs skrull; peak memory vs memory.py"),
+    Part("train_fsdp", 100, "train.py fsdp=True: FSDP2 bf16 mixed precision, naive vs skrull, checkpoint + resume"),
+    Part("calibrate", 45, "calibrate.py on one GPU: FSDP2 regime, measured memory, P2P left at the prior"),
+    Part("throughput", 140, "Qwen2.5-0.5B tokens/s and MFU under FSDP2, naive vs skrull; peak memory vs memory.py"),
 )
 BUDGET_S = 480  # the whole check on one H100/H200: the parts' limits add up to at most this
 assert sum(p.limit_s for p in PARTS) <= BUDGET_S
@@ -116,6 +119,23 @@ def part_train_fsdp(dev, dtype, tmp, args, emit):
     emit(rows, {"skrull_losses": losses.tolist()})
 
 
+def part_calibrate(dev, dtype, tmp, args, emit):
+    """`python calibrate.py` on small shapes: it runs in train.py's regime (FSDP2 bf16 mixed precision on
+    CUDA), measures memory there, and on one GPU leaves the P2P constants at the prior."""
+    path = os.path.join(tmp, "profile.json")
+    cmd = [sys.executable, "calibrate.py", "--out", path, "--device", dev.type, "--model", "tiny", "--max_len", "1024",
+           "--repeats", "1", "--max_p2p_mb", "1", "--procs", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"calibrate.py exited {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
+    prof = json.load(open(path))
+    want = {"fsdp": dev.type == "cuda", "dtype": "bfloat16" if dev.type == "cuda" else "float32"}
+    ok = all(prof["regime"][k] == v for k, v in want.items()) and prof["bucket_size"] > 0 and prof["mem_per_token"] > 0
+    emit([Row(f"calibrate: tiny model, regime {prof['regime']}", 0.0 if ok else float("nan"), 0.0,
+              f"bucket_size {prof['bucket_size']}, {prof['mem_per_token'] / 1024:.1f} KiB/token measured, "
+              f"a = {prof['a']:.2e} s/FLOP; P2P: {prof['p2p_note']}")], {})
+
+
 def _tokens_per_s(records):
     return sum(r["tokens"] for r in records) / sum(r["dt_ms"] for r in records) * 1e3
 
@@ -165,7 +185,7 @@ def _throughput(runs, label, args):
 
 
 PART_FUNCTIONS = {"correctness": part_correctness, "train_autocast": part_train_autocast,
-                  "train_fsdp": part_train_fsdp, "throughput": part_throughput}
+                  "train_fsdp": part_train_fsdp, "calibrate": part_calibrate, "throughput": part_throughput}
 
 # -----------------------------------------------------------------------------
 # the driver: one process per part, its time limit, the results file after each
