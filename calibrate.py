@@ -8,9 +8,14 @@ file train.py reads with --profile=..., as do CostModel.from_profile, the simula
 Four steps: measure (micro-batches without CP on every process at once, P2P ping-pong, and the same
 2 processes as a CP group, each CP run with the real ring and with no-op hops), fit (the compute
 constants by least squares, then hop latency and comm_overlap on the real CP runs), report every run
-beside the fitted model, write. Memory per token and bucket_size are measured on CUDA and estimated
-from the config on CPU, where nothing reports peak tensor memory. Timings are medians over --repeats
-runs; on a shared machine expect +-15% between profiles.
+beside the fitted model, write. Every run is in the regime train.py will run (train_regime: FSDP2 with
+bf16 mixed precision on CUDA, the fp32 all-reduce path on CPU; --fsdp and --activation_checkpoint
+change it), with each micro-batch and its attention plan built before its timing, as train.py builds
+them; the JSON records the regime and train.py warns when it runs another. One process per device,
+each on its own GPU; with one GPU there is no P2P to time and the P2P constants stay the prior's.
+Memory per token and bucket_size are measured on CUDA and estimated by memory.MemoryModel on CPU,
+where nothing reports peak tensor memory. Timings are medians over --repeats runs; on a shared
+machine expect +-15% between profiles.
 """
 import argparse
 import itertools
@@ -47,23 +52,80 @@ def design_points(max_len):
     return pts
 
 
+def regime_model(cfg, dev, regime):
+    """The model as train.py runs it in `regime` ({fsdp, activation_checkpoint, dtype}; FSDP2 needs a process
+    group), inside a step: parallelize's sharding, recompute and mixed precision, and under FSDP2 the step's
+    state between micro-batches (parameters gathered once, gradients accumulated without communicating), so
+    a micro-batch timed or measured here costs what it costs in training.
+    -> (model, AdamW over the (sharded) parameters, autocast context)."""
+    from contextlib import nullcontext
+
+    from parallelize import parallelize
+    compute_dtype = torch.bfloat16 if regime["dtype"] == "bfloat16" and dev.type == "cuda" else None
+    model = parallelize(Transformer(cfg), fsdp=regime["fsdp"], recompute=regime["activation_checkpoint"], device=dev,
+                        compute_dtype=compute_dtype)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")  # before unsharding: the shards
+    if regime["fsdp"]:
+        enter_accumulation(model)
+        return model, optim, nullcontext()  # FSDP2 casts to compute_dtype itself
+    return model, optim, torch.autocast("cuda", dtype=compute_dtype) if compute_dtype else nullcontext()
+
+
+def enter_accumulation(model):
+    """FSDP2 between micro-batches of a train.py step: gathered, gradients kept unsharded, no reduce-scatter."""
+    from parallelize import unshard_all
+    unshard_all(model)
+    model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
+
+
+def _device(name, rank):
+    """This process's device: CUDA device `rank` (one process per GPU, made current), or the CPU."""
+    if name == "cuda":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device(name)
+
+
+def _init_group(backend, init_file, rank, world, dev):
+    kw = {"device_id": dev} if backend == "nccl" else {}  # NCCL bound to this process's GPU
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **kw)
+
+
+def microbatch(lens, cfg, dev, world=1, rank=0, dist_lens=(), generator=None):
+    """(tokens, positions, attention function) of one micro-batch: whole sequences `lens` and, over a CP group
+    of `world` ranks, this rank's zigzag shards of `dist_lens` first. Built as train.py's load_microbatch
+    builds it, before the timed region: the AttnPlan from CPU lists, so the timed forward and backward
+    read nothing back from the device."""
+    from context_parallel import AttnPlan, attention, to_device, zigzag_shard
+    g = generator or torch.Generator().manual_seed(sum(lens) * 31 + len(lens))
+    cu_d = [0] + list(itertools.accumulate(dist_lens))
+    xd = torch.randint(0, cfg.vocab_size, (cu_d[-1],), generator=g)
+    pd = torch.cat([torch.arange(n) for n in dist_lens]) if dist_lens else torch.zeros(0, dtype=torch.long)
+    x = torch.cat([zigzag_shard(xd, cu_d, rank, world), torch.randint(0, cfg.vocab_size, (sum(lens),), generator=g)])
+    pos = torch.cat([zigzag_shard(pd, cu_d, rank, world)] + [torch.arange(n) for n in lens])
+    plan = AttnPlan(cu_d if dist_lens else None, [0] + list(itertools.accumulate(lens)), dev, world=world, rank=rank)
+    return to_device(x, dev)[None], to_device(pos, dev)[None], partial(attention, plan=plan)
+
+
 def compute_worker(rank, world, opts, out_file, barrier=None):
-    """Times forward+backward of micro-batches on this device; every one of the `world` processes runs
-    the same sweep at the same time (on CPU, 2 processes share the 2 cores as in the e2e runs)."""
+    """Times forward+backward of micro-batches on this device, in train.py's regime (opts["regime"]); every
+    one of the `world` processes runs the same sweep at the same time (on CPU, 2 processes share the 2
+    cores as in the e2e runs; on CUDA, one process per GPU)."""
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(0)
-    dev = torch.device(opts["device"])
+    dev = _device(opts["device"], rank)
+    regime = opts["regime"]
+    if regime["fsdp"]:
+        _init_group("nccl" if dev.type == "cuda" else "gloo", f"{out_file}.init", rank, world, dev)
     cfg = PRESETS[opts["model"]]
-    model = Transformer(cfg).to(dev)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if opts["dtype"] == "bfloat16" else torch.autocast("cpu", enabled=False)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model, optim, autocast = regime_model(cfg, dev, regime)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
-    def fwd_bwd(lens):
-        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
-        x = torch.randint(0, cfg.vocab_size, (1, sum(lens)), device=dev)
+    def fwd_bwd(batch):
+        x, pos, attn = batch
         with autocast:
-            _, loss = model(x, x, cu_seqlens=cu, reduction="sum")  # every token a target
+            _, loss = model(x, x, position_ids=pos, attn_fn=attn, reduction="sum")  # every token a target
         loss.backward()
 
     def once(fn):
@@ -74,24 +136,27 @@ def compute_worker(rank, world, opts, out_file, barrier=None):
         sync()
         return time.perf_counter() - t0
 
-    res = {"points": _time_shapes(opts["points"], opts["repeats"], fwd_bwd, once, sync), "mem": []}
-    model.zero_grad(set_to_none=False)
-    if dev.type == "cuda":  # peak memory per token: the k=1 shapes, one run each
-        res["mem"] = _peak_memory(opts["points"], model, fwd_bwd, sync)
-    res["t_optim"] = _optimizer_step_time(model, optim, once, sync, opts["repeats"])
+    shape = lambda lens: microbatch(lens, cfg, dev)  # noqa: E731
+    res = {"points": _time_shapes(opts["points"], opts["repeats"], fwd_bwd, shape, once, sync), "mem": []}
+    res["t_optim"] = _optimizer_step_time(model, optim, once, sync, opts["repeats"], regime["fsdp"], fwd_bwd, shape)
     res["n_params"] = model.num_params()
-    if dev.type == "cuda":
-        res["mem_static"] = torch.cuda.memory_allocated()  # weights + grads + AdamW states
+    if dev.type == "cuda":  # peak memory per token (the k=1 shapes), and the state a step holds, in the regime
+        res["mem"] = _peak_memory(opts["points"], model, fwd_bwd, shape, sync)
+        res["mem_static"] = torch.cuda.memory_allocated(dev)  # weights (+ gathered) + grads + AdamW states
         res["device_memory"] = torch.cuda.get_device_properties(dev).total_memory
     with open(f"{out_file}.{rank}", "w") as f:
         json.dump(res, f)
+    if regime["fsdp"]:
+        dist.destroy_process_group()
 
 
-def _time_shapes(points, repeats, fwd_bwd, once, sync):
+def _time_shapes(points, repeats, fwd_bwd, shape, once, sync):
     """Interleaved: every pass times each shape once, in a new order each pass, and a shape's time is its
     median over the passes. A change of machine load (a shared machine) then touches every shape
-    alike instead of biasing the shapes that happened to run during it."""
-    runs = [(lambda lens=[s + 2 * i for i in range(k)]: fwd_bwd(lens)) for s, k in points]
+    alike instead of biasing the shapes that happened to run during it. Inputs and plans are built
+    before any timing."""
+    batches = [shape([s + 2 * i for i in range(k)]) for s, k in points]
+    runs = [partial(fwd_bwd, b) for b in batches]
     for fn in runs:  # warm-up
         fn()
     sync()
@@ -104,31 +169,48 @@ def _time_shapes(points, repeats, fwd_bwd, once, sync):
     return [{"lengths": [s + 2 * i for i in range(k)], "seconds": statistics.median(t)} for (s, k), t in zip(points, times)]
 
 
-def _peak_memory(points, model, fwd_bwd, sync):
-    """CUDA: torch.cuda.max_memory_allocated above the static state, one run of each k=1 shape."""
+def _peak_memory(points, model, fwd_bwd, shape, sync):
+    """CUDA: torch.cuda.max_memory_allocated above the state held between micro-batches, one run of each
+    k=1 shape."""
     mem = []
     for s, k in points:
         if k == 1:
+            batch = shape([s])
+            sync()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fwd_bwd([s])
+            fwd_bwd(batch)
             sync()
             mem.append({"tokens": s, "bytes": torch.cuda.max_memory_allocated() - base})
-            model.zero_grad(set_to_none=False)
+            del batch
     return mem
 
 
-def _optimizer_step_time(model, optim, once, sync, repeats):
-    """Median time of gradient clipping + AdamW step + zero_grad, after one warm-up step."""
+def _optimizer_step_time(model, optim, once, sync, repeats, fsdp, fwd_bwd, shape):
+    """Median time of gradient clipping + AdamW step + zero_grad, after one warm-up step. Under FSDP2 on the
+    sharded parameters, as train.py steps them: one backward reduce-scatters into them first, and the model
+    goes back to the step's accumulation state after (enter_accumulation), optimizer state included."""
+    params = [p for group in optim.param_groups for p in group["params"]]  # under FSDP2 the shards
+
     def step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         optim.zero_grad(set_to_none=False)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+    if fsdp:  # the last micro-batch's backward: reduce-scatter, reshard
+        model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
+        fwd_bwd(shape([64]))
+    else:
+        for p in params:
+            p.grad = torch.zeros_like(p)
     step()  # warm-up
     sync()
-    return statistics.median(once(step) for _ in range(repeats))
+    t = statistics.median(once(step) for _ in range(repeats))
+    if fsdp:
+        enter_accumulation(model)
+        fwd_bwd(shape([64]))  # the unsharded gradient accumulators exist between micro-batches
+        sync()
+    return t
 
 # -----------------------------------------------------------------------------
 # measure: P2P and the same 2 processes as a CP group
@@ -138,8 +220,8 @@ def p2p_worker(rank, world, init_file, out_file, backend, sizes, cp_opts=None):
     """Ping-pong between 2 processes: one-way time = round trip / 2, for each message size. Then, with
     cp_opts, time the model with its sequences distributed over the 2 processes (_time_cp)."""
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
-    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    dev = _device("cuda" if backend == "nccl" else "cpu", rank)  # NCCL: this process's GPU, made current
+    _init_group(backend, init_file, rank, world, dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if backend == "nccl" else (lambda: None)
     out = _pingpong(rank, dev, sync, sizes)
     cp_out = _time_cp(rank, world, dev, backend, sync, cp_opts) if cp_opts is not None else []
@@ -170,58 +252,46 @@ def _pingpong(rank, dev, sync, sizes):
     return out
 
 
-def _cp_runs(cp_opts, vocab_size, rank, world, dev):
-    """-> [(record, (tokens, positions, attention))]: micro-batches with every sequence distributed
-    (ring), then DACP ones (one distributed sequence + local ones on each rank), to measure how much
-    of the ring's communication the local compute hides (CostModel.comm_overlap)."""
+def _cp_runs(cp_opts, cfg, rank, world, dev):
+    """-> [(record, micro-batch)]: micro-batches with every sequence distributed (ring), then DACP ones (one
+    distributed sequence + local ones on each rank), to measure how much of the ring's communication the
+    local compute hides (CostModel.comm_overlap). Each micro-batch (inputs and AttnPlan) is built here,
+    once, outside the timed region, as train.py's load_microbatch builds it."""
     runs = []
     for s, k in cp_opts["points"]:
         lens = [s + 2 * world * i for i in range(k)]  # multiples of 2*world, distinct
-        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
         g = torch.Generator().manual_seed(s * 31 + k)
-        x = torch.randint(0, vocab_size, (sum(lens),), generator=g).to(dev)
-        pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
-        xs = context_parallel.zigzag_shard(x, cu, rank, world)[None]
-        ps = context_parallel.zigzag_shard(pos, cu, rank, world)[None]
-        attn = partial(context_parallel.dacp_attention, cu_seqlens_dist=cu,
-                       cu_seqlens_local=torch.zeros(1, dtype=torch.int32, device=dev))
-        runs.append(({"lengths": lens}, (xs, ps, attn)))
+        runs.append(({"lengths": lens}, microbatch([], cfg, dev, world, rank, lens, g)))
     for s, k, sl in cp_opts.get("dacp_points", []):
         loc = [sl + 2 * i for i in range(k)]
-        cu = torch.tensor([0, s], dtype=torch.int32, device=dev)
-        cu_loc = torch.tensor([0] + list(itertools.accumulate(loc)), dtype=torch.int32, device=dev)
         g = torch.Generator().manual_seed(s * 17 + k)
-        x = torch.randint(0, vocab_size, (s + sum(loc),), generator=g).to(dev)
-        pos = torch.cat([torch.arange(s)] + [torch.arange(n) for n in loc]).to(dev)
-        xs = torch.cat([context_parallel.zigzag_shard(x[:s], cu, rank, world), x[s:]])[None]
-        ps = torch.cat([context_parallel.zigzag_shard(pos[:s], cu, rank, world), pos[s:]])[None]
-        attn = partial(context_parallel.dacp_attention, cu_seqlens_dist=cu, cu_seqlens_local=cu_loc)
-        runs.append(({"lengths": [s], "local": loc}, (xs, ps, attn)))
+        runs.append(({"lengths": [s], "local": loc}, microbatch(loc, cfg, dev, world, rank, [s], g)))
     return runs
 
 
 def _time_cp(rank, world, dev, backend, sync, cp_opts):
     """Model forward+backward of every _cp_runs micro-batch, each timed with the real ring ("real") and
-    with its hops replaced by no-ops ("compute"): the difference is the communication left exposed."""
+    with its hops replaced by no-ops ("compute"): the difference is the communication left exposed. The
+    model runs in train.py's regime (regime_model, over these processes' group)."""
     torch.manual_seed(0)
     cfg = PRESETS[cp_opts["model"]]
-    model = Transformer(cfg).to(dev)
+    model, _, autocast = regime_model(cfg, dev, cp_opts["regime"])
     post = context_parallel._Ring.post
 
     def once(xs, ps, attn, mode):  # forward+backward; compute: the same loop and kernels, no-op hops
         if mode == "compute":
-            context_parallel._Ring.post = lambda self, buf, tag: (lambda: buf)
+            context_parallel._Ring.post = lambda self, bufs, tag: (lambda: bufs)
         sync()
         dist.barrier()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=backend == "nccl"):
+        with autocast:
             _, loss = model(xs, xs, position_ids=ps, attn_fn=attn, reduction="sum")
         loss.backward()
         sync()
         context_parallel._Ring.post = post
         return time.perf_counter() - t0
 
-    runs = _cp_runs(cp_opts, cfg.vocab_size, rank, world, dev)
+    runs = _cp_runs(cp_opts, cfg, rank, world, dev)
     # interleaved as in _time_shapes: each pass times every (shape, mode) once, in a new order; a run's
     # time is the slowest rank's, its median over the passes
     jobs = [(i, mode) for i in range(len(runs)) for mode in ("real", "compute")]
@@ -231,22 +301,24 @@ def _time_cp(rank, world, dev, backend, sync, cp_opts):
     for rep in range(cp_opts["repeats"]):
         random.Random(rep).shuffle(jobs)  # the same order in both processes
         for job in jobs:
-            t = torch.tensor(once(*runs[job[0]][1], job[1]))
+            t = torch.tensor(once(*runs[job[0]][1], job[1]), device=dev)  # NCCL reduces device tensors only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             times[job].append(float(t))
     return [dict(rec, **{mode: statistics.median(times[(i, mode)]) for mode in ("real", "compute")})
             for i, (rec, _) in enumerate(runs)]
 
 
-def measure(args, cfg, dev, dtype):
-    """Every timing the fit needs: micro-batches without CP (all processes at once), P2P ping-pong, and the
-    same 2 processes as a CP group (all distributed, and DACP), each with real and no-op hops."""
+def measure(args, cfg, dev, regime):
+    """Every timing the fit needs, in train.py's `regime`: micro-batches without CP (all processes at once),
+    and, where two devices of the kind exist (CPU processes, or 2+ GPUs), P2P ping-pong and the same 2
+    processes as a CP group (all distributed, and DACP), each with real and no-op hops. One GPU has no
+    P2P to time: the profile then keeps the prior's P2P constants (fit_constants)."""
     import torch.multiprocessing as mp
     points = design_points(args.max_len)
-    opts = dict(device=args.device, model=args.model, dtype=dtype, threads=args.threads,
+    opts = dict(device=args.device, model=args.model, regime=regime, threads=args.threads,
                 repeats=args.repeats, points=points)
-    print(f"profiling {args.model} on {args.device} ({dtype}), {args.procs} process(es) x {args.threads} thread(s), "
-          f"{len(points)} micro-batch shapes up to {args.max_len} tokens ...", flush=True)
+    print(f"profiling {args.model} on {args.device}, {args.procs} process(es) x {args.threads} thread(s), "
+          f"{len(points)} micro-batch shapes up to {args.max_len} tokens, in train.py's regime {regime} ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "compute")
         if args.procs == 1:
@@ -257,14 +329,15 @@ def measure(args, cfg, dev, dtype):
         runs = [json.load(open(f"{out_file}.{r}")) for r in range(args.procs)]
     secs = np.mean([[p["seconds"] for p in r["points"]] for r in runs], axis=0)
     meas = dict(runs[0], compute=[{"lengths": p["lengths"], "seconds": float(t)} for p, t in zip(runs[0]["points"], secs)],
-                t_optim=float(np.mean([r["t_optim"] for r in runs])))
-    backend = "nccl" if dev.type == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+                t_optim=float(np.mean([r["t_optim"] for r in runs])), p2p=[], cp=[], backend=None)
+    if dev.type == "cuda" and torch.cuda.device_count() < 2:
+        print("one GPU: no P2P or CP group to time; the P2P constants stay at the prior's (scheduler.H100)", flush=True)
+        return meas
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     sizes = [1 << e for e in range(10, 21 + (args.max_p2p_mb.bit_length() - 1), 2)]
-    cp_opts = None
-    if dev.type == "cpu" or backend == "nccl":  # one GPU: no CP group to time
-        cp_pts = [(s, k) for s, k in points if (k in (1, 4) and s >= 64 or k == 16) and s * k <= max(4096, args.max_len // 2)]
-        dacp_pts = [(s, k, sl) for s in (256, 1024, 2048) for k, sl in ((4, 64), (8, 128), (2, 512))]
-        cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats, dacp_points=dacp_pts)
+    cp_pts = [(s, k) for s, k in points if (k in (1, 4) and s >= 64 or k == 16) and s * k <= max(4096, args.max_len // 2)]
+    dacp_pts = [(s, k, sl) for s in (256, 1024, 2048) if s <= args.max_len for k, sl in ((4, 64), (8, 128), (2, 512))]
+    cp_opts = dict(model=args.model, points=cp_pts, repeats=args.repeats, dacp_points=dacp_pts, regime=regime)
     print(f"P2P ping-pong ({backend}) and CP=2 micro-batches (real ring and no-op hops) ...", flush=True)
     got = spawn_gloo(p2p_worker, 2, backend, sizes, cp_opts)
     meas.update(p2p=got["p2p"], cp=got["cp"], backend=backend)
@@ -301,20 +374,27 @@ def fit_constants(cfg, meas, comm_bytes):
        CP and the CP runs with no-op hops. Each column is the model's prediction with that constant = 1.
     2. communication: bandwidth from the ping-pong; the hop latency under load and comm_overlap by a grid
        search on the real CP runs (all distributed, DACP), compute constants fixed: the share of each
-       hop that the step's compute hides is measured, not assumed."""
+       hop that the step's compute hides is measured, not assumed.
+    Without P2P runs (one GPU) the P2P constants are the prior's (scheduler.H100), and without CP runs
+    a_ring is left out (None: CostModel then uses a_attn); write_profile says so in p2p_note."""
     from scipy.optimize import nnls
-    from scheduler import CostModel
-    pb = np.array([p["bytes"] for p in meas["p2p"]], dtype=float)
-    ps = np.array([p["seconds"] for p in meas["p2p"]])
-    (lat0, inv_bw), _ = nnls(np.stack([np.ones_like(pb), pb], 1) / ps[:, None], np.ones_like(ps))
-    bw = float(1 / inv_bw) if inv_bw > 0 else 1e12
+    from scheduler import H100, CostModel
+    fit_keys = FIT if meas["cp"] else tuple(k for k in FIT if k != "a_ring")
     zero = dict.fromkeys(FIT, 0.0)
     nocomm = dict(p2p_latency=0.0, p2p_bandwidth=1e30, comm_overlap=0.0, comm_bytes=comm_bytes)
     runs = meas["compute"] + [dict(m, seconds=m["compute"]) for m in meas["cp"]]
-    X = np.array([[_predict(CostModel(cfg, {**zero, **nocomm, k: 1.0}), m) for k in FIT] for m in runs])
+    X = np.array([[_predict(CostModel(cfg, {**zero, **nocomm, k: 1.0}), m) for k in fit_keys] for m in runs])
     y = np.array([m["seconds"] for m in runs])
     coef, _ = nnls(X / y[:, None], np.ones_like(y))
-    fit = dict(zip(FIT, (float(x) for x in coef)), p2p_bandwidth=bw, comm_bytes=comm_bytes)
+    fit = dict(zip(fit_keys, (float(x) for x in coef)), comm_bytes=comm_bytes)
+    if not meas["p2p"]:
+        fit.update(a_ring=None, p2p_latency=H100["p2p_latency"], p2p_bandwidth=H100["p2p_bandwidth"],
+                   comm_overlap=H100["comm_overlap"], p2p_pingpong_latency=None)
+        return fit
+    pb = np.array([p["bytes"] for p in meas["p2p"]], dtype=float)
+    ps = np.array([p["seconds"] for p in meas["p2p"]])
+    (lat0, inv_bw), _ = nnls(np.stack([np.ones_like(pb), pb], 1) / ps[:, None], np.ones_like(ps))
+    fit["p2p_bandwidth"] = float(1 / inv_bw) if inv_bw > 0 else 1e12
     real = [dict(m, seconds=m["real"]) for m in meas["cp"]]
     best = (np.inf, float(lat0), 1.0)
     if real:
@@ -352,36 +432,40 @@ def report(cfg, meas, fit):
 # write
 
 
-def _memory_terms(args, cfg, dev, meas):
+def _memory_terms(args, cfg, dev, meas, regime):
     """-> (alpha bytes/token, beta bytes, static bytes, device memory, usable memory, how they were had):
-    bucket_size C = (usable - static - beta) / alpha."""
-    from memory import activation_model
+    bucket_size C = (usable - static - beta) / alpha, all in train.py's `regime` at `args.procs` ranks."""
+    from memory import USABLE, MemoryModel
     if dev.type == "cuda":  # measured peak memory of the k=1 shapes
         toks = np.array([m["tokens"] for m in meas["mem"]], dtype=float)
         byts = np.array([m["bytes"] for m in meas["mem"]], dtype=float)
         alpha, beta = np.polyfit(toks, byts, 1)
         static, device_memory = float(meas["mem_static"]), float(meas["device_memory"])
-        usable = 0.9 * device_memory  # leave 10% for the allocator's fragmentation and NCCL buffers
+        usable = USABLE * device_memory  # the rest: the allocator's fragmentation and NCCL buffers
         return alpha, beta, static, device_memory, usable, "measured: torch.cuda.max_memory_allocated, linear fit over the k=1 points"
-    alpha, beta = activation_model(cfg, "none", torch.float32)
-    static = 16.0 * meas["n_params"]  # fp32 weights, grads, AdamW m and v
     device_memory = (args.mem_gb * 1e9 if args.mem_gb else
                      os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / args.procs)
-    note = "memory.activation_model: saved tensors counted on the meta device, fp32; CPU has no peak counter"
-    return alpha, beta, static, device_memory, device_memory, note
+    mem = MemoryModel(cfg, world=args.procs, fsdp=regime["fsdp"], recompute=regime["activation_checkpoint"],
+                      dtype=getattr(torch, regime["dtype"]), device_memory=device_memory)
+    note = "memory.MemoryModel: saved tensors counted on the meta device, state from the shapes; CPU has no peak counter"
+    return mem.alpha, mem.beta, float(mem.static["peak"]), device_memory, device_memory, note
 
 
-def write_profile(path, args, cfg, dev, dtype, meas, fit, errs):
-    """The JSON that CostModel.from_profile, train.py --profile and bench.e2e read."""
-    alpha, beta, static, device_memory, usable, mem_note = _memory_terms(args, cfg, dev, meas)
+def write_profile(path, args, cfg, dev, regime, meas, fit, errs):
+    """The JSON that CostModel.from_profile, train.py --profile and bench.e2e read. `regime` records what was
+    measured (fsdp, activation_checkpoint, dtype, world): train.py warns when it runs another one."""
+    alpha, beta, static, device_memory, usable, mem_note = _memory_terms(args, cfg, dev, meas, regime)
     bucket = int((usable - static - beta) / alpha)
+    p2p_note = (f"measured: {meas['backend']} ping-pong and CP=2 runs" if meas["p2p"] else
+                "not measured (one GPU: no P2P): p2p_latency, p2p_bandwidth and comm_overlap are the prior's "
+                "(scheduler.H100, assumptions), a_ring is a_attn's")
     profile = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "dtype": dtype, "procs": args.procs, "threads": args.threads, "torch": torch.__version__,
+        "dtype": regime["dtype"], "regime": regime, "procs": args.procs, "threads": args.threads, "torch": torch.__version__,
         "taken": time.strftime("%Y-%m-%d %H:%M:%S"), "load": meas["load"],
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
                                                "intermediate_size", "tie_embeddings")},
-        **fit, "t_optim": meas["t_optim"], "grad_bytes": 4, "p2p_backend": meas["backend"],
+        **fit, "t_optim": meas["t_optim"], "grad_bytes": 4, "p2p_backend": meas["backend"], "p2p_note": p2p_note,
         "mem_per_token": float(alpha), "mem_beta": float(beta), "mem_static": static,
         "device_memory": device_memory, "bucket_size": bucket, "mem_note": mem_note, "fit_errors": errs,
         "measurements": {k: meas[k] for k in ("compute", "p2p", "cp", "mem")},
@@ -389,15 +473,19 @@ def write_profile(path, args, cfg, dev, dtype, meas, fit, errs):
     with open(path, "w") as f:
         json.dump(profile, f, indent=1)
     gf = lambda a: f"{1 / a / 1e9:.1f} GFLOP/s" if a else "inf"  # noqa: E731
+    ring = f"{fit['a_ring']:.3e} ({gf(fit['a_ring'])}, ring blocks)" if fit["a_ring"] is not None else "a_attn's (no CP runs)"
     print(f"\na = {fit['a']:.3e} s/FLOP ({gf(fit['a'])}, linear)   a_attn = {fit['a_attn']:.3e} ({gf(fit['a_attn'])}, "
-          f"local attention)   a_ring = {fit['a_ring']:.3e} ({gf(fit['a_ring'])}, ring blocks)")
+          f"local attention)   a_ring = {ring}")
     print(f"b_call = {fit['b_call'] * 1e6:.1f} us/attention call/layer/pass   b_seq = {fit['b_seq'] * 1e6:.1f} us/sequence in a call   "
           f"c_mb = {fit['c_mb'] * 1e3:.3f} ms/micro-batch   t_optim = {meas['t_optim'] * 1e3:.2f} ms")
-    print(f"P2P ({meas['backend']}): ping-pong latency {fit['p2p_pingpong_latency'] * 1e6:.1f} us, bandwidth "
-          f"{fit['p2p_bandwidth'] / 1e9:.2f} GB/s; in the ring: hop latency {fit['p2p_latency'] * 1e6:.0f} us, "
-          f"comm_overlap {fit['comm_overlap']:.2f} (share of a hop hidden behind the step's compute)")
-    print(f"memory: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of {device_memory / 2**30:.1f} GiB "
-          f"-> bucket_size {bucket} tokens ({mem_note})")
+    if meas["p2p"]:
+        print(f"P2P ({meas['backend']}): ping-pong latency {fit['p2p_pingpong_latency'] * 1e6:.1f} us, bandwidth "
+              f"{fit['p2p_bandwidth'] / 1e9:.2f} GB/s; in the ring: hop latency {fit['p2p_latency'] * 1e6:.0f} us, "
+              f"comm_overlap {fit['comm_overlap']:.2f} (share of a hop hidden behind the step's compute)")
+    else:
+        print(f"P2P: {p2p_note}")
+    print(f"memory in train.py's regime {regime}: {alpha / 1024:.1f} KiB/token, static {static / 2**20:.1f} MiB of "
+          f"{device_memory / 2**30:.1f} GiB -> bucket_size {bucket} tokens ({mem_note})")
     print(f"machine load (1-minute average) {meas['load'][0]:.1f} before, {meas['load'][1]:.1f} after (this profile's own "
           f"{args.procs} process(es) count; a higher load means other work shared the machine, and these constants "
           f"then describe a busier machine than an idle one)")
@@ -418,16 +506,28 @@ def main(argv=None):
     ap.add_argument("--mem_gb", type=float, default=None,
                     help="CPU: memory one rank may use (default: physical RAM / procs)")
     ap.add_argument("--max_p2p_mb", type=int, default=64)
+    ap.add_argument("--fsdp", choices=("auto", "true", "false"), default="auto",
+                    help="measure under FSDP2 (auto: as train.py under torchrun, on with CUDA, off on CPU)")
+    ap.add_argument("--activation_checkpoint", choices=("none", "full", "selective"), default="none",
+                    help="measure with this recompute, as train.py's key of the same name")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    regime = train_regime(dev, args.fsdp, args.activation_checkpoint, args.procs)
     cfg = PRESETS[args.model]
     load0 = load_average()
-    meas = measure(args, cfg, dev, dtype)
+    meas = measure(args, cfg, dev, regime)
     meas["load"] = [load0, load_average()]  # 1-minute load average before and after: was the machine shared?
-    fit = fit_constants(cfg, meas, 2 if dtype == "bfloat16" else 4)
+    fit = fit_constants(cfg, meas, 2 if regime["dtype"] == "bfloat16" else 4)
     errs = report(cfg, meas, fit)
-    write_profile(args.out, args, cfg, dev, dtype, meas, fit, errs)
+    write_profile(args.out, args, cfg, dev, regime, meas, fit, errs)
+
+
+def train_regime(dev, fsdp="auto", activation_checkpoint="none", world=1):
+    """What train.py runs by default on this device under torchrun: FSDP2 with bf16 mixed precision on
+    CUDA, the all-reduce path in fp32 on CPU (train.py's `fsdp` and `dtype` defaults)."""
+    cuda = dev.type == "cuda"
+    return {"fsdp": cuda if fsdp == "auto" else fsdp == "true", "activation_checkpoint": activation_checkpoint,
+            "dtype": "bfloat16" if cuda else "float32", "world": world}
 
 
 if __name__ == "__main__":

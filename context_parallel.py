@@ -125,10 +125,18 @@ def pad_to_multiple(input_ids, labels, position_ids, lengths, multiple):
 Offsets = namedtuple("Offsets", "host cuda max_len")
 
 
+def to_device(t, device):
+    """A CPU tensor on `device`. To CUDA through pinned memory and a non-blocking copy: PyTorch finishes a
+    copy from pageable memory with a stream sync, so the host would wait for every kernel queued before it
+    and could not prepare the next micro-batch while the GPU runs this one. On CPU: `t` itself."""
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _offsets(offsets, device):
     offsets = [int(x) for x in offsets]
     lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    on_cuda = torch.tensor(offsets, dtype=torch.int32, device=device) if torch.device(device).type == "cuda" else None
+    on_cuda = to_device(torch.tensor(offsets, dtype=torch.int32), device) if torch.device(device).type == "cuda" else None
     return Offsets(offsets, on_cuda, max(lens, default=0))
 
 
@@ -208,8 +216,9 @@ def _merge(out, lse, block_out, block_lse, rows=None):
 class AttnPlan:
     """Offsets, kernel arguments and row indices of one micro-batch on one CP rank, built ONCE from
     CPU lists (train.py's load_microbatch) and shared by every layer's forward and backward. Building
-    it reads the offsets on the host and copies a few small tensors to the device; after that a
-    layer issues no host-device sync (a plan built from CUDA offsets pays one sync, here).
+    it from CPU lists copies a few small tensors to the device, pinned and non-blocking (to_device), so
+    neither it nor any layer after it makes the host wait for the device (a plan built from CUDA offsets
+    pays one sync, reading them back).
 
     cu_seqlens_dist: GLOBAL offsets of the distributed sequences (same on every CP rank), or None.
     cu_seqlens_local: offsets of this rank's whole local sequences, from 0, or None.
@@ -233,8 +242,8 @@ class AttnPlan:
         self.n_dist, self.full, self.half = full[-1], _offsets(full, dev), _offsets(half, dev)
         first = [torch.arange(full[i], full[i] + half[i + 1] - half[i]) for i in range(len(lens))]
         second = [torch.arange(full[i] + half[i + 1] - half[i], full[i + 1]) for i in range(len(lens))]
-        self.first = torch.cat(first).to(dev) if first else None
-        self.second = torch.cat(second).to(dev) if second else None
+        self.first = to_device(torch.cat(first), dev) if first else None
+        self.second = to_device(torch.cat(second), dev) if second else None
         self.steps = W if lens else 1
         # local sequences: split into one group per ring step, of ~equal attention cost (sum L^2);
         # without distributed sequences that is one group: one kernel call for all of them
@@ -283,25 +292,30 @@ _P2P_STREAMS = {}  # one side stream per device, shared by all layers
 
 
 class _Ring:
-    """Real P2P (gloo or NCCL) between the processes of a CP group."""
+    """Real P2P (gloo or NCCL) between the processes of a CP group. On CUDA every stream it touches is
+    one of `device`'s, the device the buffers live on: torch.cuda.current_stream() alone would be the
+    CURRENT device's, a different one in a process that never called torch.cuda.set_device, and then
+    nothing would order the hop after the kernels that wrote the buffer (a silent race)."""
 
     def __init__(self, group, device):
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)  # P2P takes global ranks
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
-        self.stream = None  # CPU (gloo): no streams, P2P is already asynchronous
-        if device.type == "cuda":
-            if device not in _P2P_STREAMS:
-                _P2P_STREAMS[device] = torch.cuda.Stream(device)
-            self.stream = _P2P_STREAMS[device]
+        self.device, self.stream = torch.device(device), None  # CPU (gloo): no streams, P2P is already asynchronous
+        if self.device.type == "cuda":
+            if self.device not in _P2P_STREAMS:
+                _P2P_STREAMS[self.device] = torch.cuda.Stream(self.device)
+            self.stream = _P2P_STREAMS[self.device]
 
     def post(self, bufs, tag):
         """Start sending bufs[0] to next and receiving the same shape from prev."""
         (buf,), stream = bufs, self.stream
+        if buf.device != self.device:
+            raise ValueError(f"ring on {self.device} was given a buffer on {buf.device}")
         recv = torch.empty_like(buf)
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())  # buf is fully written before it leaves
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # buf is fully written before it leaves
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, self.next, self.group, tag),
                                            dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
@@ -314,7 +328,7 @@ class _Ring:
                 for req in reqs:
                     req.wait()
             if stream is not None:
-                torch.cuda.current_stream().wait_stream(stream)  # an event: compute waits for recv
+                torch.cuda.current_stream(self.device).wait_stream(stream)  # an event: compute waits for recv
             return [recv]
         return wait
 

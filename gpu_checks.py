@@ -26,6 +26,9 @@ GPU_TOL = {
     "model": 3e-2,       # 2-layer Qwen2 forward (loss) and backward (all gradients), bf16 autocast vs fp64
     "policy": 1e-2,      # naive vs skrull losses, same batches, bf16 autocast (summation order differs)
     "resume": 1e-3,      # resumed vs uninterrupted losses (flash backward accumulates dq with atomics)
+    "optimizer": 1e-5,   # fused AdamW in fp32 vs AdamW in fp64, 3 steps of a small MLP
+    "paths": 2e-2,       # train.py losses, autocast path vs FSDP2 mixed precision, same batches (both bf16)
+    "memory": 0.25,      # |measured peak / memory model's prediction - 1| of a train.py step on the GPU
 }
 
 Row = namedtuple("Row", "check error tolerance detail")
@@ -121,25 +124,102 @@ def check_ring(dev, dtype):
     return rows
 
 
+def check_varlen_q1_gqa(dev, dtype):
+    """Flash varlen with every query length 1 under GQA: the CUDA kernel then swaps the query-head groups
+    into the sequence dimension (a path of its own), which a ring hits when every distributed sequence is
+    one token per chunk (length 2W). Non-causal blocks of 1 query vs 1..300 keys, and the in-process ring
+    at W=4 over sequences of 8 tokens only."""
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, D = 14, 2, 64
+    k_lens = [1, 5, 300, 2, 77, 1, 128, 33]
+    cu_q, cu_k = list(range(len(k_lens) + 1)), [0] + list(itertools.accumulate(k_lens))
+    q, k, v = (torch.randn(n, h, D, generator=g, dtype=torch.float64) for n, h in ((len(k_lens), H), (cu_k[-1], Hkv), (cu_k[-1], Hkv)))
+    do = torch.randn(len(k_lens), H, D, generator=g, dtype=torch.float64)
+    oq, ok = cp._offsets(cu_q, "cpu"), cp._offsets(cu_k, "cpu")
+    ro, rl = cp._attn_fwd(q, k, v, oq, ok, False, D ** -0.5)
+    rg = cp._attn_bwd(do, q, k, v, ro, rl, oq, ok, False, D ** -0.5)
+    xq, xk, xv, xdo = (t.to(dev, dtype) for t in (q, k, v, do))
+    dq_, dk_ = cp._offsets(cu_q, dev), cp._offsets(cu_k, dev)
+    o, lse = cp._attn_fwd(xq, xk, xv, dq_, dk_, False, D ** -0.5)
+    gr = cp._attn_bwd(xdo, xq, xk, xv, o, lse, dq_, dk_, False, D ** -0.5)
+    errs = [rel_error(o, ro), rel_error(lse, rl)] + [rel_error(a, b) for a, b in zip(gr, rg)]
+    rows = [Row(f"kernel: every query length 1, GQA {H}/{Hkv}, {len(k_lens)} blocks of 1..300 keys", max(errs), GPU_TOL["kernel"],
+                "out/lse/dq/dk/dv " + _errors(errs))]
+    W = 4
+    cu_d, cu_locals, refs, xs = _ring_inputs(W, [2 * W] * 24, [[] for _ in range(W)], dev, dtype, g)
+    qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
+    outs = cp.emulated_attention(*qkv, cu_d, cu_locals)
+    torch.autograd.backward(outs, [x[3] for x in xs])
+    got = [torch.cat(t) for t in (outs, *([x.grad for x in qkv[i]] for i in range(3)))]
+    ref = [torch.cat([r[i] for r in refs]) for i in range(4)]
+    errs = [rel_error(a, b) for a, b in zip(got, ref)]
+    rows.append(Row(f"ring: in-process W={W}, 24 sequences of 2W tokens (one-token chunks, GQA)", max(errs), GPU_TOL["ring"],
+                    "out/dq/dk/dv " + _errors(errs)))
+    return rows
+
+
+def check_allreduce_fused_adamw(dev, dtype):
+    """The path train.py runs without FSDP2: parallelize.all_reduce_grads (one flat buffer, one all-reduce; here
+    over a 1-rank group, NCCL on CUDA, gloo on CPU) and fused AdamW on plain tensors (no DTensors), three steps
+    against AdamW in fp64 on the CPU."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from parallelize import all_reduce_grads
+    torch.manual_seed(4)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 8)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 8)).to(dev)
+    model.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    started = not dist.is_initialized()
+    if started:
+        init = os.path.join(tempfile.mkdtemp(prefix="skrull_pg_"), "init")
+        kw = {"device_id": torch.device("cuda", torch.cuda.current_device()) if dev.index is None else dev} if dev.type == "cuda" else {}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{init}", rank=0, world_size=1, **kw)
+    try:
+        for step in range(3):
+            x = torch.randn(32, 64, dtype=torch.float64)
+            ref(x).square().sum().backward()
+            model(x.to(dev, torch.float32)).square().sum().backward()
+            # world_size=2 takes the flat-buffer all-reduce; over the 1-rank group the sum is the gradient itself
+            all_reduce_grads(list(model.parameters()), world_size=2)
+            opt_ref.step()
+            opt.step()
+            opt_ref.zero_grad()
+            opt.zero_grad()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    errs = [rel_error(p, q) for p, q in zip(model.parameters(), ref.parameters())]
+    return [Row(f"step: all_reduce_grads ({'NCCL' if dev.type == 'cuda' else 'gloo'}, flat buffer) + fused AdamW, plain "
+                f"tensors, 3 steps, fp32 vs fp64", max(errs), GPU_TOL["optimizer"], "parameters " + _errors(errs))]
+
+
 def check_no_host_sync(dev, dtype):
-    """A prebuilt plan makes a layer's attention forward and backward free of host-device syncs:
-    CUDA's sync debug mode turns any sync into an error. CUDA only."""
+    """Building a micro-batch's AttnPlan from CPU lists and copying its tokens (context_parallel.to_device:
+    pinned, non-blocking), then attention forward and backward with that plan: no host-device sync, so the
+    host can run ahead of the GPU. CUDA's sync debug mode turns any sync into an error. CUDA only."""
     g = torch.Generator().manual_seed(2)
     rows = []
     for W, dist_lens, local_lens in ((1, [], [[100, 257, 1, 512]]), (4, [8 * 64, 8 * 3], [[50], [], [7, 300], [64]])):
         cu_d, cu_locals, _, xs = _ring_inputs(W, dist_lens, local_lens, dev, dtype, g)
-        plans = [cp.AttnPlan(cu_d if dist_lens else None, cu_locals[r], dev, world=W, rank=r) for r in range(W)]
         qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
+        tokens = torch.randint(0, 1000, (sum(map(sum, local_lens)) + sum(dist_lens),))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
+            plans = [cp.AttnPlan(cu_d if dist_lens else None, cu_locals[r], dev, world=W, rank=r) for r in range(W)]
+            cp.to_device(tokens, dev)
             outs = cp._PlannedAttention.apply(cp._MemoryRing() if W > 1 else None, plans, *qkv[0], *qkv[1], *qkv[2])
             torch.autograd.backward(outs, [x[3] for x in xs])
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
-        rows.append(Row(f"no host-device sync: attention fwd+bwd with a prebuilt plan, W={W}", 0.0, 0.0,
-                        "torch.cuda.set_sync_debug_mode('error') raised nothing"))
+        rows.append(Row(f"no host-device sync: plan + tokens to the GPU (pinned, non-blocking), attention fwd+bwd, W={W}",
+                        0.0, 0.0, "torch.cuda.set_sync_debug_mode('error') raised nothing"))
     return rows
 
 
@@ -168,4 +248,5 @@ def check_model(dev, dtype):
                 f"loss {errs[0]:.1e}, all grads {errs[1]:.1e} (worst tensor {worst} {rel_error(p[worst].grad, p_ref[worst].grad):.1e})")]
 
 
-CHECKS = (check_kernels, check_ring, check_no_host_sync, check_model)  # the order bench.gpu runs them in
+CHECKS = (check_kernels, check_varlen_q1_gqa, check_ring, check_no_host_sync, check_model,
+          check_allreduce_fused_adamw)  # the order bench.gpu runs them in

@@ -18,6 +18,20 @@ import torch.distributed as dist
 from preflight import fail
 
 
+def init_distributed(device_type, local_rank):
+    """Start the default process group of a torchrun job; returns this rank's device. CUDA: NCCL bound to
+    GPU `local_rank`, both as the current device and as init_process_group's device_id (without it NCCL's
+    first collective guesses the GPU as rank % local GPUs, wrong when nproc_per_node is below the node's
+    GPU count). CPU: gloo."""
+    if device_type != "cuda":
+        dist.init_process_group(backend="gloo")
+        return "cpu"
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl", device_id=device)
+    return str(device)
+
+
 def parallelize(model, *, fsdp, recompute, device, compute_dtype=None):
     """Set every block's activation checkpointing (`recompute`: none | full | selective), move the model to
     `device` and, with fsdp, shard each block and then the rest (embeddings, final norm, lm_head) over the

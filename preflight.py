@@ -52,6 +52,8 @@ def _check_numbers(c):
     for k in ("dataset", "profile"):
         if getattr(c, k) is not None and not isinstance(getattr(c, k), str):
             fail(f"{k}={getattr(c, k)!r}: expected a path")
+    if not (isinstance(c.peak_flops, (int, float)) and math.isfinite(c.peak_flops) and c.peak_flops >= 0):
+        fail(f"peak_flops={c.peak_flops!r}: must be a finite number of FLOP/s >= 0 (0: the table of known GPUs)")
     if not 0.0 <= c.eval_fraction < 1.0:
         fail(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
     for k, low in (("rope_theta", 1), ("rope_scaling_factor", 1), ("rope_original_max_position", 1)):
@@ -197,6 +199,29 @@ def model_config(config, meta_ckpt, dataset_vocab):
     if dataset_vocab > mc.vocab_size:
         fail(f"dataset vocab {dataset_vocab} exceeds the model's {mc.vocab_size}: prepare the data with the model's tokenizer")
     return mc
+
+
+def check_profile_regime(profile, *, fsdp, activation_checkpoint, dtype, world, out=print):
+    """Warn (one line through `out`) when the profile JSON from calibrate.py was measured in another regime
+    than this run's (fsdp, activation_checkpoint, dtype; under FSDP2 also the world size, which sets the
+    state per rank): its compute constants and bucket_size then describe that other regime. Returns the
+    warning, or None."""
+    regime = profile.get("regime")
+    if regime is None:
+        msg = ("the profile records no regime (made by an older calibrate.py): its constants and bucket_size may "
+               "describe another regime than this run's; rerun `python calibrate.py`")
+    else:
+        mine = {"fsdp": bool(fsdp), "activation_checkpoint": activation_checkpoint, "dtype": dtype}
+        if fsdp and regime.get("fsdp"):
+            mine["world"] = world
+        diff = [f"{k} {regime.get(k)!r} there, {v!r} here" for k, v in mine.items() if regime.get(k) != v]
+        if not diff:
+            return None
+        msg = (f"the profile was measured in another regime than this run's ({'; '.join(diff)}): its compute "
+               f"constants and bucket_size describe that one; rerun `python calibrate.py` with "
+               f"--fsdp/--activation_checkpoint/--procs to match")
+    out(f"warning: {msg}")
+    return msg
 
 
 def check_bucket(bucket_size, cp, longest, dataset):

@@ -85,6 +85,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 compile = False  # torch.compile the model (checkpoints keep the uncompiled names)
 threads = None  # torch.set_num_threads per process on CPU; None -> torch's default
 seed = 1337  # data order, held-out split, init and plans: the same on every rank
+peak_flops = 0.0  # one device's peak FLOP/s, for MFU; 0 -> mfu.PEAK_BF16 by GPU name (none on CPU: no mfu)
 # -----------------------------------------------------------------------------
 _train_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -96,8 +97,10 @@ import preflight  # noqa: E402
 import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
 from memory import MemoryModel, StateMeter  # noqa: E402
+from mfu import device_peak_flops, step_mfu  # noqa: E402
 from model import Transformer  # noqa: E402
-from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402
+from parallelize import (all_reduce_grads, check_ranks_agree, empty_microbatch, init_distributed, parallelize,  # noqa: E402
+                         reshard_all, unshard_all)
 from planner import Planner  # noqa: E402
 from preflight import fail  # noqa: E402
 
@@ -119,10 +122,7 @@ dp = world_size // cp
 dp_rank, cp_rank = rank // cp, rank % cp
 cp_group = None
 if ddp:
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    device = init_distributed(device_type, local_rank)  # CUDA: NCCL on GPU local_rank; CPU: gloo
     mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
     cp_group = mesh["cp"].get_group() if cp > 1 else None
 if threads is not None and not device.startswith("cuda"):
@@ -183,7 +183,7 @@ def load_microbatch(mb, idx):
     distributed sequences (padded to a multiple of 2*cp) followed by its whole local sequences, and the
     attention function every layer calls. Its AttnPlan is built here, once per micro-batch, from CPU
     lists: the layers then run without reading offsets back from the device (no host-device syncs)."""
-    from context_parallel import AttnPlan, attention, pad_to_multiple, zigzag_shard
+    from context_parallel import AttnPlan, attention, pad_to_multiple, to_device, zigzag_shard
     parts, cu_dist = [], None
     if mb.distributed:
         xs, ys, ps = zip(*(sequence_tensors(idx[j]) for j in mb.distributed))
@@ -198,7 +198,7 @@ def load_microbatch(mb, idx):
     if not parts:
         return None
     cu_local = np.concatenate([[0], np.cumsum([int(ds.lengths[idx[j]]) for j in local], dtype=np.int64)]).tolist()
-    x, y, p = (torch.cat(t).to(device) for t in zip(*parts))
+    x, y, p = (to_device(torch.cat(t), device) for t in zip(*parts))  # CUDA: pinned, non-blocking
     # the model calls this instead of its own attention: it never knows about CP
     plan = AttnPlan(cu_dist, cu_local, device, group=cp_group, world=cp, rank=cp_rank)
     return x[None], y[None], p[None], partial(attention, plan=plan)
@@ -218,6 +218,9 @@ if profile is not None:
 mem = MemoryModel(model_config, world=world_size, fsdp=fsdp, recompute=activation_checkpoint,
                   dtype=compute_dtype or torch.float32, device_memory=device_memory or profile_data.get("device_memory") or 80e9)
 cost = scheduler.CostModel.from_profile(model_config, profile, memory=mem) if profile else scheduler.CostModel(model_config, memory=mem)
+if profile is not None:  # a warning when calibrate.py measured another regime (fsdp, recompute, dtype, world)
+    preflight.check_profile_regime(profile_data, fsdp=fsdp, activation_checkpoint=activation_checkpoint,
+                                   dtype=dtype if device_type == "cuda" else "float32", world=world_size, out=log)
 if not bucket_size:  # 0: the profile's measured bucket, else the memory model's
     bucket_size = profile_data["bucket_size"] if profile is not None else mem.bucket_size
 bucket_size = preflight.check_bucket(bucket_size, cp, int(ds.lengths.max()), dataset)
@@ -306,13 +309,14 @@ def run_batch(idx, plan, train):
     n_targets = sum(int(ds.get(int(i))[1][1:].sum()) for i in idx)
     denom = max(n_targets, 1)
     loss_sum = torch.zeros((), device=device)
-    mbs = plan.microbatches  # a scheduler.RankPlan: this DP rank's part
+    # a DP rank the plan gives no micro-batch still runs one empty one under FSDP2: its reduce-scatter
+    mbs = plan.microbatches or ([None] if fsdp and train else [])  # plan: a scheduler.RankPlan, this DP rank's part
     for i, mb in enumerate(mbs):  # micro-batch counts may differ between DP ranks: no collective inside
         last = train and i == len(mbs) - 1
         if fsdp and train:  # accumulate unsharded gradients; reduce-scatter them and reshard only after the last
             raw_model.set_requires_gradient_sync(last)
             raw_model.set_reshard_after_backward(last)
-        batch = load_microbatch(mb, idx)
+        batch = load_microbatch(mb, idx) if mb is not None else None
         if batch is None:  # this CP rank holds nothing in this micro-batch (no distributed sequences)
             if not (fsdp and last):
                 continue
@@ -360,6 +364,7 @@ log(f"world {world_size} = dp {dp} x cp {cp} | schedule {schedule} | bucket {buc
 log(f"memory model per rank: state {mem.static['persistent'] / 2**20:,.1f} MiB between steps, "
     f"{mem.static['peak'] / 2**20:,.1f} MiB peak; activations {mem.alpha / 2**10:,.1f} KiB/token + "
     f"{mem.beta / 2**20:,.1f} MiB (state_bytes_per_rank and peak_state_bytes_per_rank follow the first step)")
+device_peak = device_peak_flops(device, peak_flops)  # FLOP/s, for MFU; None: unknown (CPU), no mfu
 t_start, dts = time.time(), []  # dts: step times, for the eta
 last_saved = start_iter  # the iteration of the checkpoint in out_dir (0: none)
 for it in range(start_iter, max_iters):  # `it` counts steps done; this is step it + 1 in the logs and metrics
@@ -421,18 +426,21 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         rec = {"iter": it + 1, "loss": round(loss_val, 6), "tokens": tokens, "targets": n_targets,
                "grad_norm": round(grad_norm, 6), "dt_ms": round(dt * 1e3, 2), "tok_per_s": round(tokens / dt, 1),
                **figures, "lr": lr}  # figures: n_microbatches, peak_tokens_per_rank, rollbacks, plan_ms, plan_wait_ms
+        if device_peak:  # the cost model's FLOPs of this step's sequences over world_size devices' peak
+            rec["mfu"] = round(step_mfu(cost, lengths, dt, world_size, device_peak, lora=bool(lora_rank)), 5)
         if eval_loss is not None:
             rec["eval_loss"] = round(eval_loss, 6)
         if measure:
             rec.update(state)
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
-            rec["predicted_memory"] = int(mem.peak(max(mb.rank_tokens(lengths)[cp_rank] for mb in plan.microbatches)))
+            rec["predicted_memory"] = int(mem.peak(max((mb.rank_tokens(lengths)[cp_rank] for mb in plan.microbatches), default=0)))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
             eta = (max_iters - it - 1) * sum(dts[-10:]) / len(dts[-10:])
             mem_s = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
+            mem_s += f" | mfu {rec['mfu']:.1%}" if device_peak else ""
             ev = f" | eval {eval_loss:.4f}" if eval_loss is not None else ""
             log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f}{ev} | lr {lr:.2e} | "
                 f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "

@@ -4,7 +4,7 @@
     python -m bench.e2e       # every policy end to end (train.py), measured vs CostModel's prediction
     python -m bench.lora      # LoRA vs full fine-tuning: trainable params, optimizer-state bytes, tokens/s
     python -m bench.memory    # FSDP2 vs all-reduce on CPU; on a GPU, measured peak memory vs memory.py's model
-    python -m bench.gpu       # every CUDA path on one GPU vs an fp64 reference, tokens/s of the 0.5B shape
+    python -m bench.gpu       # the one GPU check: CUDA paths vs fp64, both train.py paths, 0.5B tokens/s, MFU, memory
     python -m bench.plan      # planning time per rank and the step's wait, 32 to 4,096 GPUs, before and after
     python -m bench.parity    # our model vs transformers' Qwen2/Qwen3/Llama for every RoPE scaling
     python -m bench.prepare_speed  # data/prepare.py tokens/s and peak memory at 1 process and every core

@@ -19,7 +19,7 @@ def train_run(out_dir, nproc, overrides, config="config/long_sft_cpu.py", extra_
         port = s.getsockname()[1]
     argv = [config, *extra_configs] + [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={out_dir}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "train.py"] + argv
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = _run_torchrun(cmd)
     if r.returncode != 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "failed.log"), "w") as f:
@@ -27,6 +27,24 @@ def train_run(out_dir, nproc, overrides, config="config/long_sft_cpu.py", extra_
         raise SystemExit(f"{' '.join(cmd)} failed (full log: {out_dir}/failed.log):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def _run_torchrun(cmd):
+    """subprocess.run, except that a run interrupted in the caller (an exception, SIGTERM turned into
+    SystemExit) is stopped with SIGTERM first, on which torchrun stops its workers; subprocess.run's SIGKILL
+    would leave them running (each in its own session), holding the GPU."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def leave_gloo_worker():

@@ -301,6 +301,47 @@ def check(records):
     assert not bad, "errors over tolerance:\n" + "\n".join(bad)
 
 
+def test_ring_uses_the_buffers_device_streams(monkeypatch):
+    """_Ring on cuda:1 in a process whose current device is cuda:0 (one that never called set_device):
+    every stream it waits on or makes wait is cuda:1's. CUDA is mocked: the calls are recorded."""
+    calls, dev = [], torch.device("cuda", 1)
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def wait_stream(self, other):
+            calls.append(("side waits for", other.device))
+
+    class CurrentStream(Stream):
+        def wait_stream(self, other):
+            calls.append(("current waits for", other.device))
+
+    class Buffer:
+        device = dev
+
+        def record_stream(self, stream):
+            calls.append(("record", stream.device))
+
+    def current_stream(device=None):
+        return CurrentStream(torch.device(device) if device is not None else torch.device("cuda", 0))
+
+    import contextlib
+    for name, fake in (("Stream", Stream), ("current_stream", current_stream),
+                       ("stream", lambda s: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    for name, fake in (("get_rank", lambda g: 0), ("get_world_size", lambda g: 2), ("get_global_rank", lambda g, r: r),
+                       ("batch_isend_irecv", lambda ops: []), ("P2POp", lambda *a: a)):
+        monkeypatch.setattr(cp.dist, name, fake)
+    monkeypatch.setattr(cp.torch, "empty_like", lambda buf: Buffer())
+    monkeypatch.setattr(cp, "_P2P_STREAMS", {})
+    ring = cp._Ring(group=object(), device=dev)
+    assert ring.stream.device == dev
+    ring.post([Buffer()], tag=0)()
+    assert calls and all(d == dev for _, d in calls), calls
+    assert ("side waits for", dev) in calls and ("current waits for", dev) in calls
+
+
 @pytest.mark.slow
 def test_ring_world2(tmp_path):
     records = run_and_collect(tmp_path, world=2, cp_sizes=[2])
