@@ -25,8 +25,11 @@ import torch.distributed as dist
 
 FIT = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")  # fitted from micro-batch times
 CONSTANTS = FIT + ("t_optim",)                              # what a fit sets (and the metrics log)
-RIDGE = 1e-3      # ridge weight per observation, in units where every column has mean square 1
+RIDGE = 1e-5      # ridge weight per observation, in units where every column has mean square 1
 RESIDUALS = 32    # steps whose overhead (measured step - micro-batches) sets t_optim: their median
+# {constant: value}, or None: "time" micro-batches and steps by this cost model instead of the clock, a machine
+# whose times are known exactly (the tests' deterministic runs: fits, resume; a config file sets it)
+SIMULATED_MACHINE = None
 
 # -----------------------------------------------------------------------------
 # timing
@@ -58,11 +61,13 @@ class Timer:
             end = time.perf_counter()
         self.current.append((i, mark, end))
 
-    def end_step(self, step):
-        """-> [(step, {micro-batch index: seconds})] of the steps that can be read now, oldest first."""
-        self.waiting.append((step, self.current))
-        self.current = []
-        n_ready = max(0, len(self.waiting) - self.lag)
+    def end_step(self, step, drain=False):
+        """-> [(step, {micro-batch index: seconds})] of the steps that can be read now, oldest first;
+        drain: every step (before a checkpoint: the loop's own sync has completed the events)."""
+        if step is not None:
+            self.waiting.append((step, self.current))
+            self.current = []
+        n_ready = len(self.waiting) if drain else max(0, len(self.waiting) - self.lag)
         ready, self.waiting = self.waiting[:n_ready], self.waiting[n_ready:]
         if self.cuda:
             return [(s, {i: a.elapsed_time(b) / 1e3 for i, a, b in marks}) for s, marks in ready]
@@ -139,8 +144,8 @@ class Calibrator:
     was made while step t ran (a planner working ahead does exactly that), so the plan of step s uses the
     constants in force when step s-1 began, and an evaluation after step t plans with step t's constants.
 
-    Left out of the fit: a run's first step (warm-up, and a resumed run's first), a step followed by a
-    checkpoint or evaluation, and the step after one. A CostModel is never changed once made: each fit
+    Left out of the fit: a run's first step (warm-up; a resumed run's first too) and the step after a
+    checkpoint or an evaluation (cold caches, a write in the background). A CostModel is never changed once made: each fit
     makes a new one (CostModel.with_constants)."""
 
     def __init__(self, cost, *, enabled, interval, freeze, world, cp, rank, device, cuda):
@@ -152,7 +157,7 @@ class Calibrator:
         self.residuals = []        # per observed step: measured step - slowest rank's micro-batches (rank 0)
         self.steps = {}            # step -> (lengths, plan, dt): kept until its times can be read
         self.pending = []          # [(step, lengths, plan, dt, {i: seconds})] read, not gathered yet
-        self.first, self.after_outlier, self.logged = None, False, None
+        self.first, self.after_outlier, self.logged, self.timing = None, False, None, enabled
         self.fit_seconds = []      # rank 0: wall time of each gather + fit + broadcast (the metrics)
 
     # --- the constants in force ---
@@ -165,7 +170,7 @@ class Calibrator:
 
     # --- timing hooks (run_batch) ---
     def start(self, train):
-        return self.timer.start() if self.enabled and train else None
+        return self.timer.start() if self.timing and train else None
 
     def stop(self, mark, i):
         if mark is not None:
@@ -179,17 +184,35 @@ class Calibrator:
             return
         if self.first is None:
             self.first = it
-        if not (it == self.first or outlier or self.after_outlier):
+        if not (it == self.first or self.after_outlier):
             self.steps[it] = (lengths, plan, dt)
         self.after_outlier = outlier
-        for s, times in self.timer.end_step(it):
-            if s in self.steps:
-                self.pending.append((s, *self.steps.pop(s), times))
+        self._read(self.timer.end_step(it))
+        self.timing = not self.frozen(it + 1)
         if (it + 1) % self.interval == 0:
             t0 = time.perf_counter()
             self.gather()
             self.fit(it)
             self.fit_seconds.append(time.perf_counter() - t0)
+
+    def _read(self, ready):
+        for s, times in ready:
+            if s in self.steps:
+                lengths, plan, dt = self.steps.pop(s)
+                if SIMULATED_MACHINE is not None:
+                    times, dt = self._simulate(lengths, plan)
+                self.pending.append((s, lengths, plan, dt, times))
+
+    def _simulate(self, lengths, plan):
+        """This rank's micro-batch times and step time on SIMULATED_MACHINE: its cost model's rank_times (a
+        ring micro-batch: its slowest rank, as the ring makes every rank wait) and predict_step_time."""
+        true = self.prior.with_constants(SIMULATED_MACHINE)
+        times = {}
+        for i, mb in enumerate(plan[self.rank // self.cp]):
+            t = true.rank_times(mb, lengths)
+            if t[self.rank % self.cp] > 0:
+                times[i] = max(t) if mb.distributed else t[self.rank % self.cp]
+        return times, true.predict_step_time(plan, lengths)
 
     def gather(self):
         """One all_gather of every rank's pending micro-batch times; rank 0 folds them in. Every rank calls
@@ -267,6 +290,7 @@ class Calibrator:
         """A JSON-able dict: the constants in force and scheduled, and the fit's sums. Every rank calls it
         (it gathers what is pending, a collective), before checkpoint.save."""
         if self.enabled:
+            self._read(self.timer.end_step(None, drain=True))
             self.gather()
         return {"models": [[s, {k: getattr(c, k) for k in CONSTANTS}] for s, c in self.models],
                 "G": self.G.tolist(), "g": self.g.tolist(), "n": self.n, "residuals": self.residuals}
@@ -274,7 +298,7 @@ class Calibrator:
     def load_state(self, state):
         """Resume: the checkpoint's constants (in force at its step, and any scheduled after it) and
         the fit's sums, so the run plans and fits on as the uninterrupted one would."""
-        if not state:
+        if not state or not self.enabled:  # calibrate=False: the profile's or default constants, throughout
             return
         self.models = [(s, self.prior.with_constants(c, source="online fit (from the checkpoint)")) for s, c in state["models"]]
         self.G, self.g, self.n = np.array(state["G"]), np.array(state["g"]), int(state["n"])
@@ -302,3 +326,13 @@ def _unit_models(cost):
     zero = dict.fromkeys(FIT, 0.0)
     off = {"p2p_latency": 0.0, "p2p_bandwidth": math.inf}
     return [cost.with_constants({**zero, **off, k: 1.0}) for k in FIT]
+
+
+if __name__ == "__main__":  # python costfit.py OUT_DIR > constants.json: the run's last constants as a profile
+    import json
+    import os
+    import sys
+    with open(os.path.join(sys.argv[1], "metrics.jsonl")) as f:
+        logged = [r["cost_constants"] for r in map(json.loads, f) if "cost_constants" in r]
+    json.dump({"device": f"online fit of {sys.argv[1]}", **logged[-1]}, sys.stdout, indent=1)
+    print()
