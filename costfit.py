@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 FIT = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")  # fitted from micro-batch times
 CONSTANTS = FIT + ("t_optim",)                              # what a fit sets (and the metrics log)
-RIDGE = 1e-5      # ridge weight per observation, in units where every column has mean square 1
+RIDGE = 1e-4      # ridge weight per observation, in units where every column has mean square 1
 RESIDUALS = 32    # steps whose overhead (measured step - micro-batches) sets t_optim: their median
 # {constant: value}, or None: "time" micro-batches and steps by this cost model instead of the clock, a machine
 # whose times are known exactly (the tests' deterministic runs: fits, resume; a config file sets it)
