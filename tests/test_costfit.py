@@ -102,6 +102,20 @@ def test_timer_reads_one_step_late_on_the_cuda_path():
     assert [s for s, _ in timer.end_step(None, drain=True)] == [2]
 
 
+@pytest.mark.cuda
+def test_timer_cuda_events():
+    """The CUDA path itself: event pairs, read one step late without a sync of ours."""
+    timer = costfit.Timer(cuda=True)
+    x = torch.randn(2048, 2048, device="cuda")
+    for step in range(2):
+        mark = timer.start()
+        (x @ x).sum()
+        timer.stop(mark, 0)
+        ready = timer.end_step(step)
+        torch.cuda.synchronize()  # the training loop's own per-step sync (the loss .tolist())
+    assert [s for s, _ in ready] == [0] and ready[0][1][0] > 0
+
+
 def test_constants_plan_from_two_steps_after_the_fit():
     prior = CostModel(TINY)
     calib = costfit.Calibrator(prior, enabled=True, interval=1, freeze=0, world=1, cp=1, rank=0, device="cpu", cuda=False)
