@@ -83,12 +83,13 @@ def full_model(model, fsdp, master):
     return plain
 
 
-def save(path, model, optimizer, *, it, config, identity, dataset, fsdp=False, master=True):
+def save(path, model, optimizer, *, it, config, identity, dataset, fsdp=False, master=True, extra=None):
     """Model + AdamW state after step `it`, written to a temp file, fsynced and renamed into place (the
     directory fsynced too), so a crash leaves the previous checkpoint or the new one, never half of one.
     Non-finite weights or state are never written: ValueError, and the previous file stays.
     Every rank calls it; rank 0 writes. Under FSDP2 the shards are gathered into full CPU tensors on rank
-    0, which then holds the full state in host memory while it writes (16 bytes per parameter)."""
+    0, which then holds the full state in host memory while it writes (16 bytes per parameter).
+    extra: {key: JSON-able value} kept in the metadata as JSON (train.py: the cost model's online fit)."""
     from safetensors.torch import save_file
     names = [n for n, _ in model.named_parameters()]
     params = full_params(model, fsdp)
@@ -109,7 +110,8 @@ def save(path, model, optimizer, *, it, config, identity, dataset, fsdp=False, m
         raise ValueError(f"iter {it}: not writing a checkpoint with non-finite values in {', '.join(bad[:3])}; "
                          f"{path} keeps the last good one")
     meta = {"iter": str(it), "model_config": json.dumps(model.config.__dict__), "config": json.dumps(config),
-            "resume_identity": json.dumps(identity), "dataset": os.path.abspath(dataset)}
+            "resume_identity": json.dumps(identity), "dataset": os.path.abspath(dataset),
+            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     with open(tmp, "rb") as f:

@@ -87,10 +87,11 @@ def all_reduce_grads(params, world_size, meter=None):
 
 def plan_figures(planned, lengths):
     """What the log reports of this rank's plan: micro-batches, the fullest CP rank's tokens, roll-backs,
-    planning and waiting time (ms): a planner.Planned of a scheduler.RankPlan."""
+    planning and waiting time (ms), and its DP rank's predicted time (us, by the CostModel that planned it):
+    a planner.Planned of a scheduler.RankPlan."""
     mbs = planned.plan.microbatches
     return [len(mbs), max((max(mb.rank_tokens(lengths)) for mb in mbs), default=0), sum(mb.rollbacks for mb in mbs),
-            round(planned.plan_ms, 3), round(planned.wait_ms, 3)]
+            round(planned.plan_ms, 3), round(planned.wait_ms, 3), round(planned.cost.dp_rank_time(mbs, lengths) * 1e6)]
 
 
 def check_ranks_agree(it, idx, lengths, planned, world_size, cp, device):
@@ -102,17 +103,20 @@ def check_ranks_agree(it, idx, lengths, planned, world_size, cp, device):
     64-bit digests and the plan's figures (plan_figures), called by every rank, checks it; on a mismatch
     every rank stops here. Returns the step's figures over all ranks, for the log: micro-batches and the
     fullest rank (max), roll-backs (sum over DP ranks), planning and waiting time (max: the step goes at
-    the pace of the slowest rank)."""
+    the pace of the slowest rank), and pred_ms, the step time the planning CostModel predicts: the slowest
+    DP rank's micro-batches plus the gradient exchange and optimizer (CostModel.predict_step_time)."""
     mine = plan_figures(planned, lengths)
+    t_step_ms = planned.cost.t_step(world_size) * 1e3
     if world_size == 1:
-        return dict(zip(("n_microbatches", "peak_tokens_per_rank", "rollbacks", "plan_ms", "plan_wait_ms"), mine))
+        return {**dict(zip(("n_microbatches", "peak_tokens_per_rank", "rollbacks", "plan_ms", "plan_wait_ms"), mine[:5])),
+                "pred_ms": round(mine[5] / 1e3 + t_step_ms, 3)}
 
     def digest(obj):
         return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
     plan = planned.plan
     row = torch.tensor([digest((idx.tolist(), lengths)), digest(plan.split),
                         digest([(mb.distributed, mb.local) for mb in plan.microbatches]),
-                        *mine[:3], *(round(ms * 1e3) for ms in mine[3:])], dtype=torch.int64, device=device)
+                        *mine[:3], *(round(ms * 1e3) for ms in mine[3:5]), mine[5]], dtype=torch.int64, device=device)
     every = [torch.empty_like(row) for _ in range(world_size)]
     dist.all_gather(every, row)
     every = torch.stack(every).cpu().tolist()
@@ -126,4 +130,5 @@ def check_ranks_agree(it, idx, lengths, planned, world_size, cp, device):
     firsts = every[::cp]  # one rank per DP rank: CP peers hold the same plan
     return {"n_microbatches": max(r[3] for r in every), "peak_tokens_per_rank": max(r[4] for r in every),
             "rollbacks": sum(r[5] for r in firsts), "plan_ms": max(r[6] for r in every) / 1e3,
-            "plan_wait_ms": max(r[7] for r in every) / 1e3}
+            "plan_wait_ms": max(r[7] for r in every) / 1e3,
+            "pred_ms": round(max(r[8] for r in every) / 1e3 + t_step_ms, 3)}  # the slowest DP rank, then t_step

@@ -35,10 +35,10 @@ def validate_config(config, world_size, ddp):
 
 
 def _check_numbers(c):
-    for k in ("batch_size", "log_interval", "cp", "synthetic_n", "eval_batches"):
+    for k in ("batch_size", "log_interval", "cp", "synthetic_n", "eval_batches", "calibrate_interval"):
         if getattr(c, k) < 1:
             fail(f"{k}={getattr(c, k)}: must be >= 1")
-    for k in ("max_iters", "checkpoint_interval", "warmup_iters", "bucket_size", "eval_interval", "lora_rank"):
+    for k in ("max_iters", "checkpoint_interval", "warmup_iters", "bucket_size", "eval_interval", "lora_rank", "calibrate_freeze"):
         if getattr(c, k) < 0:
             fail(f"{k}={getattr(c, k)}: must be >= 0")
     for k in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):

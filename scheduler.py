@@ -13,6 +13,7 @@ the exact MILP optimum are in simulate.py.
 Pure Python + numpy: no torch, no torch.distributed. Every rank calls schedule() with the same
 lengths and gets the same plan (all ties broken by index, randomness only from `seed`).
 """
+import copy
 import heapq
 import inspect
 import json
@@ -206,6 +207,18 @@ class CostModel:
             with open(profile) as f:
                 profile = json.load(f)
         return cls(config if config is not None else profile["model"], profile, memory)
+
+    def with_constants(self, constants, source=None):
+        """A new CostModel with `constants` ({name in CONSTANTS: value}) replaced. This one stays
+        as it is: a plan made with it is still explained by it (costfit.Calibrator swaps models, never edits)."""
+        unknown = [k for k in constants if k not in CONSTANTS]
+        if unknown:
+            raise ValueError(f"not cost model constants: {', '.join(unknown)}")
+        new = copy.copy(self)
+        for k, v in constants.items():
+            setattr(new, k, v)
+        new.source = source or self.source
+        return new
 
     def flops(self, s):
         return self.lin_flops * s + self.attn_flops * s * s

@@ -6,11 +6,13 @@ and the scheduling overhead. Pure Python + numpy + scipy (the MILP); no torch.
     python simulate.py --gap       # only the MILP gaps
     python simulate.py --const b_seq=15e-6 --const comm_overlap=0    # the table with other constants
     python simulate.py --policy_file my_policy.py --policies skrull,longest_first   # your own policy
+    python simulate.py --wrong     # what planning with wrong constants costs (why train.py calibrates online)
 
 Pieces, top to bottom:
   1. milp                 the best plan for a tiny global batch under scheduler.CostModel (scipy HiGHS)
   2. optimality gaps      skrull and skrull_plus against it
   3. simulate             paper Table 1 length distributions, the paper's setups, H100 constants
+  4. wrong_constants      plans made with the H100 defaults, scored on machines that differ from them
 """
 import argparse
 import math
@@ -369,11 +371,73 @@ def _report_overhead(policies, seed):
                   f"{ts[:, 0].max():.2f}), CPU time median {np.median(ts[:, 1]):5.2f} ms")
 
 
+# -----------------------------------------------------------------------------
+# 4. what wrong constants cost
+
+# Plausible machines the H100 defaults (scheduler.H100, assumptions) could be wrong about, each a change of
+# the defaults: {name: constants}. "a" is the defaults' seconds per FLOP.
+_A = 1.0 / (989e12 * 0.5)
+MACHINES = {
+    "per-sequence ring cost": dict(b_seq=15e-6),  # a fixed cost per distributed sequence per ring step (paper-style)
+    "no overlap": dict(comm_overlap=0.0),         # the ring's hops hide behind nothing
+    "paper-style (both)": dict(b_seq=15e-6, comm_overlap=0.0),
+    "attention 2x dearer": dict(a_attn=2 * _A, a_ring=2 * _A),  # flash kernels at half the GEMMs' efficiency
+    "slow network": dict(p2p_latency=100e-6, p2p_bandwidth=25e9, comm_overlap=0.5),  # a ring across nodes
+    "launch-bound": dict(b_call=60e-6, c_mb=8e-3),  # 4x the fixed costs per call and micro-batch
+}
+
+
+def wrong_constants(n_batches=4, seed=0, policies=("skrull", "skrull_plus")):
+    """For each machine in MACHINES and each paper setup: every policy's plans made with the H100 defaults and
+    with the machine's own constants, both scored by the machine's CostModel (predict_step_time). Prints
+    the slowdown of planning with the wrong constants (mean and worst batch) and skrull_plus vs skrull
+    under each. -> {machine: {policy: [slowdown per batch]}}."""
+    print(f"What wrong constants cost: plans made with the H100 defaults (scheduler.H100) and with the machine's "
+          f"own constants,\nboth scored on the machine (CostModel.predict_step_time), {n_batches} global batches per "
+          f"setup; slowdown = time of the defaults' plan / time of the machine's plan - 1 (mean, worst batch).")
+    hdr = (f"{'machine':24s} {'setup':23s} " + "".join(f"{p + ' slowdown':>22s}" for p in policies) +
+           f"{'plus vs skrull, defaults':>26s}{'plus vs skrull, right':>23s}")
+    print(hdr)
+    print("-" * len(hdr))
+    out = {}
+    for name, machine in MACHINES.items():
+        out[name] = {p: [] for p in policies}
+        rng = np.random.default_rng(seed)  # the same batches on every machine
+        for label, model, C, dp, cp, bs, datasets in SETUPS:
+            defaults = CostModel(model)
+            true = defaults.with_constants(machine, source=name)
+            for ds in datasets:
+                t = {(p, k): [] for p in policies for k in ("defaults", "right")}
+                for b in range(n_batches):
+                    lengths = sample_global_batch(ds, dp * bs, rng, cp * C)
+                    for p in policies:
+                        for k, cost in (("defaults", defaults), ("right", true)):
+                            plan = schedule(lengths, dp=dp, cp=cp, bucket_size=C, policy=p, cost=cost, seed=b)
+                            t[(p, k)].append(true.predict_step_time(plan, lengths))
+                slow = {p: np.array(t[(p, "defaults")]) / np.array(t[(p, "right")]) - 1 for p in policies}
+                for p in policies:
+                    out[name][p] += list(slow[p])
+                cells = "".join(f"{slow[p].mean() * 100:11.1f}% ({slow[p].max() * 100:5.1f}%)" for p in policies)
+                vs = [np.array(t[("skrull", k)]) / np.array(t[("skrull_plus", k)]) for k in ("defaults", "right")] \
+                    if {"skrull", "skrull_plus"} <= set(policies) else None
+                ratios = "".join(f"{r.mean():17.2f}x ({r.min():.2f})" for r in vs) if vs else ""
+                print(f"{name:24s} {label + ' ' + ds:23s} {cells}{ratios}")
+    print("-" * len(hdr))
+    print("plus vs skrull: skrull's step time / skrull_plus's, both planned with the defaults or both with the right "
+          "constants (mean, and the\nworst batch in brackets: below 1.00x skrull_plus was slower). Every plan is scored on "
+          "the machine, never on the constants that made it.")
+    for name in out:
+        print(f"  {name:24s} " + "   ".join(f"{p}: mean {np.mean(v) * 100:.1f}%, worst {np.max(v) * 100:.1f}%"
+                                              for p, v in out[name].items()))
+    return out
+
+
 def main(argv=None):
     times = [c for c in CONSTANTS if c not in ("bucket_size", "device_memory", "mem_per_token", "mem_static")]
     ap = argparse.ArgumentParser(description="The scheduler off-line: the paper's setups through the policies, "
                                  "the bound, the scheduling overhead and the MILP gaps.")
     ap.add_argument("--gap", action="store_true", help="only the MILP gaps")
+    ap.add_argument("--wrong", action="store_true", help="only the table of what wrong constants cost (MACHINES)")
     ap.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
                     help=f"the table with another value of a cost model time constant ({', '.join(times)}); "
                          "repeatable; skips the MILP gaps")
@@ -399,7 +463,9 @@ def main(argv=None):
     if args.gap and const:
         ap.error("--gap takes no --const (the MILP gaps use the default constants)")
     searched = [p for p in policies if p not in BASELINES]
-    if args.gap:
+    if args.wrong:
+        wrong_constants()
+    elif args.gap:
         report_gaps(policies=searched or ("skrull", "skrull_plus"))
     else:
         simulate(const=const, gap=not const, policies=policies)

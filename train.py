@@ -59,6 +59,9 @@ cp = 1  # context-parallel degree; dp = world_size // cp
 schedule = "skrull"  # one of scheduler.POLICIES: naive | sorted | dacp | skrull (the paper) | skrull_plus (ours)
 bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; 0 -> from `profile`
 profile = None  # path to a profile JSON from `python calibrate.py` (cost constants, bucket_size)
+calibrate = True  # fit the cost model's compute constants to this run's micro-batch times (costfit.py), the profile's or defaults as prior
+calibrate_interval = 1  # steps between fits (each: one all_gather of the times, one broadcast of the constants)
+calibrate_freeze = 100  # the constants stop changing after this many steps; 0 = never
 batch_size = 8  # sequences per DP rank per optimizer step
 plan_ahead = True  # plan the next step and the held-out batches in a planner process while this step runs (planner.py)
 # optimizer
@@ -93,6 +96,7 @@ config = {k: globals()[k] for k in _train_keys}  # for logging and checkpoints
 # -----------------------------------------------------------------------------
 # after the configurator: --help lists only the config keys above, not these names
 import checkpoint  # noqa: E402
+import costfit  # noqa: E402
 import preflight  # noqa: E402
 import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
@@ -224,6 +228,8 @@ if profile is not None:  # a warning when calibrate.py measured another regime (
 if not bucket_size:  # 0: the profile's measured bucket, else the memory model's
     bucket_size = profile_data["bucket_size"] if profile is not None else mem.bucket_size
 bucket_size = preflight.check_bucket(bucket_size, cp, int(ds.lengths.max()), dataset)
+calib = costfit.Calibrator(cost, enabled=calibrate, interval=calibrate_interval, freeze=calibrate_freeze, world=world_size,
+                           cp=cp, rank=rank, device=device, cuda=device_type == "cuda")  # cost_for(it): the model planning step it
 
 if dry_run:  # the first 5 global batches (or fewer), as training draws them
     batches = [train_ids[global_batch(len(train_ids), n_global, it, seed)] for it in range(min(5, max_iters))]
@@ -261,7 +267,9 @@ meter = StateMeter(raw_model, named_params.values(), optimizer)  # measures the 
 
 start_iter = 0
 if init_from == "resume":
-    start_iter = int(checkpoint.load(ckpt_path, raw_model, optimizer, fsdp=fsdp)["iter"])
+    meta = checkpoint.load(ckpt_path, raw_model, optimizer, fsdp=fsdp)
+    start_iter = int(meta["iter"])
+    calib.load_state(json.loads(meta.get("calibration", "null")))  # the constants and fit the run had reached
     log(f"resumed from {ckpt_path} at iter {start_iter}")
 if master:
     checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume")
@@ -270,7 +278,7 @@ if master:
 def save_checkpoint(it):  # every rank: under FSDP2 the gather is a collective; rank 0 writes
     try:
         checkpoint.save(ckpt_path, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
-                        dataset=dataset, fsdp=fsdp, master=master)
+                        dataset=dataset, fsdp=fsdp, master=master, extra={"calibration": calib.state()})
     except ValueError as e:  # non-finite weights: the last good checkpoint stays
         fail(str(e))
 
@@ -313,6 +321,7 @@ def run_batch(idx, plan, train):
     mbs = plan.microbatches or ([None] if fsdp and train else [])  # plan: a scheduler.RankPlan, this DP rank's part
     for i, mb in enumerate(mbs):  # micro-batch counts may differ between DP ranks: no collective inside
         last = train and i == len(mbs) - 1
+        mark = calib.start(train)  # times the micro-batch for the online fit
         if fsdp and train:  # accumulate unsharded gradients; reduce-scatter them and reshard only after the last
             raw_model.set_requires_gradient_sync(last)
             raw_model.set_reshard_after_backward(last)
@@ -332,6 +341,7 @@ def run_batch(idx, plan, train):
             if not last:
                 meter.sample()
         loss_sum += loss.detach().float()
+        calib.stop(mark, i)
     return loss_sum, n_targets
 
 
@@ -375,6 +385,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
     for group in optimizer.param_groups:
         group["lr"] = lr
     idx = train_ids[global_batch(len(train_ids), n_global, it, seed)]  # the same on every rank
+    cost = calib.cost_for(it)  # a fit after step t plans steps t+2 on (costfit.Calibrator): known one step ahead
     measure = it == start_iter
     if measure:
         meter.start()
@@ -384,12 +395,12 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
     last = it + 1 == max_iters
     eval_now = bool(eval_sets and eval_interval and ((it + 1) % eval_interval == 0 or last))
     # plan ahead while this step runs (planner.py): the held-out batches evaluated after it, under the
-    # constants that planned it; then the next step, under the constants in force now
+    # constants that planned it; then the next step, under the constants that plan it (costfit: known now)
     for b, eval_idx in enumerate(eval_sets if eval_now else []):
         planner.submit(("eval", b), [int(ds.lengths[i]) for i in eval_idx], seed + b, planned.cost)
     if not last:
         nxt = train_ids[global_batch(len(train_ids), n_global, it + 1, seed)]
-        planner.submit(it + 1, [int(ds.lengths[i]) for i in nxt], seed + it + 1, cost)
+        planner.submit(it + 1, [int(ds.lengths[i]) for i in nxt], seed + it + 1, calib.cost_for(it + 1))
     plan = planned.plan
     loss_sum, n_targets = run_batch(idx, plan, train=True)
     if not fsdp:
@@ -419,6 +430,8 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
 
     dt = time.time() - t0  # the step alone: evaluation is not counted in dt or tok/s
     dts.append(dt)
+    saving = bool(checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last))
+    calib.after_step(it, lengths, plan, dt, figures, outlier=eval_now or saving)  # every rank: may gather and fit
     eval_loss = evaluate(it, planned.cost) if eval_now else None
     if master:
         tokens = sum(lengths)
@@ -432,6 +445,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             rec["eval_loss"] = round(eval_loss, 6)
         if measure:
             rec.update(state)
+        rec.update(calib.metrics(it, figures, dt))  # pred_ms, pred_err; cost_constants when they change
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
             rec["predicted_memory"] = int(mem.peak(max((mb.rank_tokens(lengths)[cp_rank] for mb in plan.microbatches), default=0)))
@@ -443,9 +457,9 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             mem_s += f" | mfu {rec['mfu']:.1%}" if device_peak else ""
             ev = f" | eval {eval_loss:.4f}" if eval_loss is not None else ""
             log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f}{ev} | lr {lr:.2e} | "
-                f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
+                f"dt {dt * 1e3:.0f}ms (pred {rec['pred_err']:+.0%}) | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
                 f"peak {peak}/{bucket_size} tok{mem_s} | eta {eta / 60:.1f}min")
-    if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last):
+    if saving:
         save_checkpoint(it + 1)  # every rank: under FSDP2 the gather is a collective
         last_saved = it + 1
 

@@ -10,8 +10,14 @@ that step's plan from the profile (fitted on the profile's own runs, never on th
 1-minute load average is printed beside the profile's: on a shared machine the two drift apart, and
 so do prediction and measurement.
 
-    python -m bench.e2e [--profile profile_cpu.json] [--iters 6] [--warmup 1] [--reps 3] [--batch_size 16]
-                        [--policies naive,skrull,skrull_plus] [--policy_file my_policy.py] [--seed 1337]
+With --calibrate, train.py fits the cost model online (costfit.py; `--profile none`: from the H100
+defaults, no profile at all): every policy runs (plans under learned constants cannot be compared ahead),
+"predicted" is each run's own prediction for its plan by the constants that planned it (metrics.jsonl
+pred_ms), and the constants fitted by the end of the runs are printed per cell.
+
+    python -m bench.e2e [--profile profile_cpu.json|none] [--calibrate] [--calibrate_interval 1] [--iters 6]
+                        [--warmup 1] [--reps 3] [--batch_size 16] [--policies naive,skrull,skrull_plus]
+                        [--policy_file my_policy.py] [--seed 1337]
 """
 import argparse
 import json
@@ -55,7 +61,10 @@ def distinct_policies(plans):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="profile_cpu.json", help="made by `python calibrate.py` if missing")
+    ap.add_argument("--profile", default="profile_cpu.json",
+                    help="made by `python calibrate.py` if missing; `none`: no profile (the H100 defaults)")
+    ap.add_argument("--calibrate", action="store_true", help="train.py fits the cost model online (calibrate=True)")
+    ap.add_argument("--calibrate_interval", type=int, default=1, help="train.py's calibrate_interval")
     ap.add_argument("--iters", type=int, default=6, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the timing")
     ap.add_argument("--reps", type=int, default=3, help="runs per policy and cell, interleaved")
@@ -89,24 +98,38 @@ def run_cell(args, cost, shape, data, ds, dp, cp, max_len, tmp, loads, label):
     plans = {p: [schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost, seed=args.seed + it)
                  for it, b in enumerate(batches)] for p in args.policies}
     pred = {p: np.array([cost.predict_step_time(plans[p][it], batches[it]) for it in steps]) for p in args.policies}
-    same, runs = distinct_policies(plans)
+    same, runs = distinct_policies(plans) if not args.calibrate else ({p: p for p in args.policies}, list(args.policies))
     meas = {p: [] for p in runs}  # per rep: the timed steps' seconds
+    run_pred, constants = {p: [] for p in runs}, []  # with --calibrate: the runs' own predictions, fitted constants
     for rep in range(args.reps):
         for p in runs[rep % len(runs):] + runs[:rep % len(runs)]:  # each rep in a rotated order
             loads.append(load_average())
             m = train_run(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_{rep}"), dp * cp, dict(
                 dataset=data, cp=cp, schedule=p, bucket_size=max_len, batch_size=args.batch_size,
-                max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, profile=args.profile,
-                eval_fraction=0.0), extra_configs=args.policy_file)
+                max_iters=args.iters, checkpoint_interval=0, threads=1, seed=args.seed, eval_fraction=0.0,
+                calibrate=args.calibrate, calibrate_interval=args.calibrate_interval,
+                **({"profile": args.profile} if args.profile != "none" else {})), extra_configs=args.policy_file)
             meas[p].append(np.array([r["dt_ms"] / 1e3 for r in m[args.warmup:]]))
+            run_pred[p].append(np.array([r["pred_ms"] / 1e3 for r in m[args.warmup:]]))
+            constants.append([r["cost_constants"] for r in m if "cost_constants" in r][-1])
         print(f"  {label} dp={dp} cp={cp} rep {rep}: " + "  ".join(f"{p} {meas[p][-1].sum():.2f}s" for p in runs), flush=True)
-    return pred, {p: np.array(meas[same[p]]) for p in args.policies}, same
+    if args.calibrate:
+        pred = {p: np.median(run_pred[p], axis=0) for p in runs}
+        errs = {p: np.abs(np.array(run_pred[p]) / np.array(meas[p]) - 1).ravel() for p in runs}
+        print("    constants at the end (median over the cell's runs): " + "  ".join(
+            f"{k} {np.median([c[k] for c in constants]):.3g}" for k in constants[0]), flush=True)
+    else:
+        errs = None
+    return pred, {p: np.array(meas[same[p]]) for p in args.policies}, same, errs
 
 
 def print_steps(args, cells, n_steps, elapsed, loads, prof_meta):
+    source = (f"train.py's online fit (calibrate_interval {args.calibrate_interval}, prior "
+              f"{'H100 defaults' if args.profile == 'none' else args.profile}), each run's own prediction" if args.calibrate
+              else f"scheduler.CostModel with {args.profile}")
     print(f"\nend to end, tiny model, 2 processes x 1 thread, gloo, {n_steps} timed steps x {args.reps} interleaved runs "
-          f"per policy and cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = scheduler.CostModel "
-          f"with {args.profile}; a step's measured time is its median over the runs")
+          f"per policy and cell, batch_size {args.batch_size}/DP rank, bucket = max_len; predicted = {source}; a step's "
+          f"measured time is its median over the runs")
     pl = prof_meta.get("load")
     print(f"{elapsed:.0f} s; machine load (1-minute average) at the runs' starts {min(loads):.1f}-{max(loads):.1f}, "
           f"at the profile ({prof_meta.get('taken', '?')}) " + (f"{pl[0]:.1f}-{pl[1]:.1f}" if pl else "not recorded"))
@@ -114,10 +137,10 @@ def print_steps(args, cells, n_steps, elapsed, loads, prof_meta):
     print("| data | dp x cp | policy | measured ms/step | spread over runs | predicted ms/step | median per-step error |")
     print("|---|---|---|---|---|---|---|")
     all_err = []
-    for label, dp, cp, pred, meas, same in cells:
+    for label, dp, cp, pred, meas, same, errs in cells:
         for p in args.policies:
             per_step = np.median(meas[p], axis=0)
-            err = np.abs(pred[p] / per_step - 1)
+            err = errs[p] if errs else np.abs(pred[p] / per_step - 1)  # calibrating: each run against its own prediction
             if same[p] == p:  # a policy with another's plans adds nothing new
                 all_err += list(err)
             run_tot = meas[p].sum(axis=1) / n_steps
@@ -137,7 +160,7 @@ def print_speedups(policies, cells):
     print("| data | dp x cp | " + " | ".join(f"{a} vs {b}: measured (spread) / predicted" for a, b in pairs) + " |")
     print("|---|---|" + "---|" * len(pairs))
     worst = 0.0
-    for label, dp, cp, pred, meas, same in cells:
+    for label, dp, cp, pred, meas, same, _ in cells:
         out = []
         for a, b in pairs:
             if same[a] == same[b]:
@@ -156,13 +179,17 @@ def main(argv=None):
     from data.prepare import load_dataset
     from data.synthetic import make_synthetic
     args = parse_args(argv)
-    if not os.path.exists(args.profile):
-        import calibrate
-        print(f"{args.profile} not found: profiling this machine first", flush=True)
-        calibrate.main(["--out", args.profile])
-    cost = CostModel.from_profile(None, args.profile)
-    with open(args.profile) as f:
-        prof_meta = json.load(f)
+    if args.profile == "none":
+        from model import PRESETS  # the tiny model as train.py makes it for the byte-level synthetic sets
+        cost, prof_meta = CostModel({**PRESETS["tiny"].__dict__, "vocab_size": 320}), {}
+    else:
+        if not os.path.exists(args.profile):
+            import calibrate
+            print(f"{args.profile} not found: profiling this machine first", flush=True)
+            calibrate.main(["--out", args.profile])
+        cost = CostModel.from_profile(None, args.profile)
+        with open(args.profile) as f:
+            prof_meta = json.load(f)
     t_start, loads, cells = time.time(), [], []
     tmp = tempfile.mkdtemp(prefix="skrull_e2e_")  # kept: run logs for inspection
     for label, shape, max_len in SETS:
