@@ -34,6 +34,7 @@ import pickle
 import queue
 import signal
 import time
+import weakref
 from dataclasses import dataclass, replace
 
 import scheduler
@@ -88,7 +89,7 @@ class Planner:
         self.plan_kwargs, self._ids = plan_kwargs, 0
         self._wanted = {}  # key -> (request id, cost) of its newest request
         self._done = {}    # key -> Planned of that request
-        self._proc = None
+        self._proc, self._stop = None, None
         if ahead and "fork" in mp.get_all_start_methods():
             ctx = mp.get_context("fork")
             self._requests, self._results = ctx.Queue(), ctx.Queue()
@@ -96,6 +97,9 @@ class Planner:
             self._proc = ctx.Process(target=_serve, args=(self._requests, self._results, os.getpid()),
                                      name="planner", daemon=True)
             self._proc.start()
+            # a Planner dropped without close() (train.py run in-process by a test) stops its process too
+            self._stop = weakref.finalize(self, self._requests.put, None)
+            self._stop.atexit = False  # at exit multiprocessing ends it (a daemon); no thread starts then
 
     def submit(self, key, lengths, seed, cost):
         """Start planning `lengths` with `seed` under `cost` as `key`, unless key is already planned or being
@@ -143,6 +147,6 @@ class Planner:
     def close(self):
         """Stop the process (it also stops by itself once its parent is gone)."""
         if self._proc is not None:
-            self._requests.put(None)
+            self._stop()
             self._proc.join(timeout=5)
             self._proc = None
