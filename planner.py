@@ -13,13 +13,14 @@ Which constants plan which step: every request carries the CostModel to plan wit
 train.py submits step s + 1 when step s begins, with the CostModel in force then (so the plan of step s uses
 the constants in force when step s - 1 began), and the held-out batches evaluated after step s with the
 CostModel that planned step s. A CostModel is never changed once a plan used it (a calibration makes a new
-one and swaps the reference), so every rank plans every step with the same constants, and a resumed run,
-which plans its first step when it starts, plans as the uninterrupted run did.
+one and swaps the reference), so every rank plans every step with the same constants. A resumed run plans
+its first step when it starts, under the cost given to take(): it plans as the uninterrupted run did when
+that is the CostModel in force when the step before began (with fixed constants, always).
 
 Why a process and not a thread: a thread shares the GIL with the training loop. Every torch call releases
 the GIL while its kernel runs and takes it back after, and while a thread holds it the loop waits up to
-sys.getswitchinterval() (5 ms) each time: measured here, a loop of small CPU ops ran 2-3x slower while a
-thread planned (docs/results.md, "Planning ahead"), the convoy effect. A process plans on another core
+sys.getswitchinterval() (5 ms) each time: measured here, a loop of small CPU ops ran 3-4x slower beside a
+planning thread (docs/results.md, "Planning per rank, one step ahead"), the convoy effect. A process plans on another core
 and costs the loop one pickled request and one pickled RankPlan per plan. It is forked (the loop's modules,
 registered policies and their code are already there; spawn would rerun train.py, which has no main guard),
 before train.py starts the process group, touches CUDA or opens the data, so it holds none of their sockets,
@@ -34,6 +35,7 @@ import pickle
 import queue
 import signal
 import time
+import weakref
 from dataclasses import dataclass, replace
 
 import scheduler
@@ -88,7 +90,7 @@ class Planner:
         self.plan_kwargs, self._ids = plan_kwargs, 0
         self._wanted = {}  # key -> (request id, cost) of its newest request
         self._done = {}    # key -> Planned of that request
-        self._proc = None
+        self._proc, self._stop = None, None
         if ahead and "fork" in mp.get_all_start_methods():
             ctx = mp.get_context("fork")
             self._requests, self._results = ctx.Queue(), ctx.Queue()
@@ -96,6 +98,9 @@ class Planner:
             self._proc = ctx.Process(target=_serve, args=(self._requests, self._results, os.getpid()),
                                      name="planner", daemon=True)
             self._proc.start()
+            # a Planner dropped without close() (train.py run in-process by a test) stops its process too
+            self._stop = weakref.finalize(self, self._requests.put, None)
+            self._stop.atexit = False  # at exit multiprocessing ends it (a daemon); no thread starts then
 
     def submit(self, key, lengths, seed, cost):
         """Start planning `lengths` with `seed` under `cost` as `key`, unless key is already planned or being
@@ -143,6 +148,6 @@ class Planner:
     def close(self):
         """Stop the process (it also stops by itself once its parent is gone)."""
         if self._proc is not None:
-            self._requests.put(None)
+            self._stop()
             self._proc.join(timeout=5)
             self._proc = None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import skrull_plus
+import skrull_plus  # noqa: F401  registers "skrull_plus" (every policy is checked below)
 from golden.make_golden import PROFILE
 from planner import Planner
 from scheduler import POLICIES, CostModel, RankPlan, gds_split, local_times, schedule
