@@ -13,11 +13,14 @@ so do prediction and measurement.
 With --calibrate, train.py fits the cost model online (costfit.py; `--profile none`: from the H100
 defaults, no profile at all): every policy runs (plans under learned constants cannot be compared ahead),
 "predicted" is each run's own prediction for its plan by the constants that planned it (metrics.jsonl
-pred_ms), and the constants fitted by the end of the runs are printed per cell.
+pred_ms), and the constants fitted by the end of the runs are printed per cell. Each run's constants and
+predictions follow the load it met, so the plans are then compared without it (`replan`, also on its own:
+--replan DIR, the kept run directory): every cell's batches re-planned under one set of constants, the
+median of what its runs fitted, and scored under it.
 
     python -m bench.e2e [--profile profile_cpu.json|none] [--calibrate] [--calibrate_interval 1] [--iters 6]
                         [--warmup 1] [--reps 3] [--batch_size 16] [--policies naive,skrull,skrull_plus]
-                        [--policy_file my_policy.py] [--seed 1337]
+                        [--policy_file my_policy.py] [--seed 1337] [--replan DIR]
 """
 import argparse
 import json
@@ -73,6 +76,7 @@ def parse_args(argv):
                     help="a policy file (see the README), registered here and passed to every train.py run; repeatable")
     ap.add_argument("--policies", default=None, help="comma-separated (default: every registered policy)")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--replan", metavar="DIR", help="only the re-planning of an earlier --calibrate run's directory")
     args = ap.parse_args(argv)
     for path in args.policy_file:
         runpy.run_path(path)  # registers its policy in scheduler.POLICIES, as train.py's configurator will
@@ -175,10 +179,46 @@ def print_speedups(policies, cells):
     print(f"largest gap between a predicted and a measured speedup: {worst * 100:.0f}%")
 
 
+def replan(args, tmp):
+    """The --calibrate cells' global batches re-planned offline under one set of constants per cell (the median
+    of the constants its runs had fitted by their last step) and scored under it: skrull and naive against
+    skrull_plus, and skrull_plus planned with the H100 defaults instead."""
+    import glob
+    from data.prepare import global_batch, heldout_split, load_dataset
+    from model import PRESETS
+    defaults = CostModel({**PRESETS["tiny"].__dict__, "vocab_size": 320})
+    print("\nplans under each cell's fitted constants (median over its runs, at their last step), timed steps; "
+          "ratios of predicted step times, summed (per step: min-max):")
+    for label, shape, max_len in SETS:
+        ds = load_dataset(os.path.join(tmp, shape))
+        train_ids, _ = heldout_split(len(ds), 0.0, args.seed)
+        for dp, cp in LAYOUTS:
+            fits = [[json.loads(line)["cost_constants"] for line in open(f) if "cost_constants" in line][-1]
+                    for f in glob.glob(os.path.join(tmp, f"{shape}_{dp}x{cp}_*", "metrics.jsonl"))]
+            cost = defaults.with_constants({k: float(np.median([c[k] for c in fits])) for k in fits[0]})
+            t, same = {p: [] for p in ("naive", "skrull", "skrull_plus", "skrull_plus, H100 plans")}, 0
+            for it in range(args.warmup, args.iters):
+                b = [int(ds.lengths[i]) for i in train_ids[global_batch(len(train_ids), dp * args.batch_size, it, args.seed)]]
+                plans = {p: schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy=p, cost=cost, seed=args.seed + it)
+                         for p in ("naive", "skrull", "skrull_plus")}
+                plans["skrull_plus, H100 plans"] = schedule(b, dp=dp, cp=cp, bucket_size=max_len, policy="skrull_plus",
+                                                            cost=defaults, seed=args.seed + it)
+                same += plan_key(plans["skrull"]) == plan_key(plans["skrull_plus"])
+                for p in t:
+                    t[p].append(cost.predict_step_time(plans[p], b))
+            t = {p: np.array(v) for p, v in t.items()}
+            ratio = lambda a, b: f"{t[a].sum() / t[b].sum():.3f}x ({(t[a] / t[b]).min():.3f}-{(t[a] / t[b]).max():.3f})"  # noqa: E731
+            print(f"  {label:9s} {dp}x{cp}: skrull/skrull_plus {ratio('skrull', 'skrull_plus')}   naive/skrull_plus "
+                  f"{ratio('naive', 'skrull_plus')}   skrull/(skrull_plus, H100 plans) {ratio('skrull', 'skrull_plus, H100 plans')}"
+                  f"   skrull_plus = skrull's plan on {same}/{len(t['skrull'])} steps")
+
+
 def main(argv=None):
     from data.prepare import load_dataset
     from data.synthetic import make_synthetic
     args = parse_args(argv)
+    if args.replan:
+        return replan(args, args.replan)
     if args.profile == "none":
         from model import PRESETS  # the tiny model as train.py makes it for the byte-level synthetic sets
         cost, prof_meta = CostModel({**PRESETS["tiny"].__dict__, "vocab_size": 320}), {}
@@ -199,6 +239,8 @@ def main(argv=None):
             cells.append((label, dp, cp, *run_cell(args, cost, shape, data, ds, dp, cp, max_len, tmp, loads, label)))
     print_steps(args, cells, args.iters - args.warmup, time.time() - t_start, loads, prof_meta)
     print_speedups(args.policies, cells)
+    if args.calibrate:
+        replan(args, tmp)
 
 
 if __name__ == "__main__":
