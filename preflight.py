@@ -56,11 +56,11 @@ def _check_numbers(c):
         fail(f"peak_flops={c.peak_flops!r}: must be a finite number of FLOP/s >= 0 (0: the table of known GPUs)")
     if not 0.0 <= c.eval_fraction < 1.0:
         fail(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
-    for k, low in (("rope_theta", 1), ("rope_scaling_factor", 1), ("rope_original_max_position", 1)):
-        v = getattr(c, k)  # None keeps the checkpoint's
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low
-                              or (k == "rope_original_max_position" and not isinstance(v, int))):
-            fail(f"{k}={v!r}: must be " + ("an integer" if k == "rope_original_max_position" else "a number") + f" >= {low} (or None)")
+    for k in ("rope_theta", "rope_scaling_factor", "rope_original_max_position"):  # None keeps the checkpoint's
+        v, integer = getattr(c, k), k == "rope_original_max_position"
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
+                              or not math.isfinite(v) or v < 1):
+            fail(f"{k}={v!r}: must be {'an integer' if integer else 'a number'} >= 1 (or None: the checkpoint's)")
     if c.rope_scaling_type is not None and c.rope_scaling_type not in ROPE_TYPES:
         fail(f"rope_scaling_type={c.rope_scaling_type!r} is not implemented; expected one of {', '.join(ROPE_TYPES)}")
 
@@ -247,10 +247,7 @@ def dry_run(lengths_list, *, dp, cp, bucket_size, policy, seed, cost, mem, model
     plans = [scheduler.schedule(lengths, dp=dp, cp=cp, bucket_size=bucket_size, policy=policy, cost=cost, seed=seed + it)
              for it, lengths in enumerate(lengths_list)]
     world = dp * cp
-    mc, scaling = cost.config, dict(getattr(cost.config, "rope_scaling", None) or {})
-    rope = f"RoPE theta {getattr(mc, 'rope_theta', 0):g}" + (f" {scaling.pop('rope_type')} " + " ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in scaling.items()) if scaling else "")
-    out(f"dry run: {model_name} ({mem.static['n_params'] / 1e9:.2f}B params, {getattr(mc, 'model_type', 'qwen2')}, {rope}) | "
+    out(f"dry run: {model_name} ({mem.static['n_params'] / 1e9:.2f}B params, {_family_and_rope(cost.config)}) | "
         f"world {world} = dp {dp} x cp {cp} | "
         f"fsdp {mem.fsdp} | activation_checkpoint {mem.recompute} | bucket {bucket_size} | "
         f"{len(plans)} global batches of {dataset}")
@@ -280,6 +277,16 @@ def dry_run(lengths_list, *, dp, cp, bucket_size, policy, seed, cost, mem, model
     out(f"fits: every rank within the usable {usable / 2**30:.1f} GiB (largest total "
         f"{(static + mem.beta + mem.alpha * max(peak_tokens)) / 2**30:.2f} GiB)")
     return 0
+
+
+def _family_and_rope(config):
+    """'qwen3, RoPE theta 1e+06 yarn factor=2 original_max_position_embeddings=32768': the dry run's header."""
+    scaling, theta = dict(getattr(config, "rope_scaling", None) or {}), getattr(config, "rope_theta", None)
+    words = [f"{getattr(config, 'model_type', 'qwen2')}" + (f", RoPE theta {theta:g}" if theta is not None else "")]
+    if scaling:
+        words.append(scaling.pop("rope_type"))
+        words += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in scaling.items()]
+    return " ".join(words)
 
 
 def _rank_peaks(plans, lengths_list, cp, cost):
