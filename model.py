@@ -364,6 +364,11 @@ class Transformer(nn.Module):
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints: our parameter name = HF name without the "model." prefix
 
+    @staticmethod
+    def hf_name(name):
+        """Our parameter name -> its name in a Hugging Face checkpoint (export.py streams by it)."""
+        return name if name == "lm_head.weight" else "model." + name
+
     @classmethod
     def from_pretrained(cls, path, dtype=None):
         """Load a local Hugging Face Qwen2/Qwen2.5 directory: config.json plus model.safetensors or a
@@ -403,7 +408,7 @@ class Transformer(nn.Module):
             expected.pop("lm_head.weight")  # tied checkpoints usually omit it; if present it is a copy
         state, missing = {}, []
         for name, shape in expected.items():
-            hf_name = name if name == "lm_head.weight" else "model." + name
+            hf_name = cls.hf_name(name)
             if hf_name not in hf:
                 missing.append(hf_name)
                 continue
@@ -426,7 +431,6 @@ class Transformer(nn.Module):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_hf(), f, indent=2)
-        state = {(n if n == "lm_head.weight" else "model." + n): t.detach().contiguous().cpu()
-                 for n, t in self.state_dict().items()
+        state = {self.hf_name(n): t.detach().contiguous().cpu() for n, t in self.state_dict().items()
                  if not (n == "lm_head.weight" and self.config.tie_embeddings)}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -33,6 +33,7 @@ init_from = "scratch"  # 'scratch' | 'resume' (continue the run in out_dir) | pa
 overwrite = False  # True: a fresh run may replace the checkpoint and metrics of an earlier run in out_dir
 model_preset = "tiny"  # model.PRESETS key, used when init_from='scratch'
 checkpoint_interval = 50  # iters between checkpoints (and always at the end); 0 = never
+async_save = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save) while training goes on
 log_interval = 1  # iters between console lines (metrics.jsonl gets every step)
 dump_grads = False  # write the all-reduced gradients of the first step to out_dir/grads.safetensors
 # data
@@ -89,7 +90,7 @@ import checkpoint  # noqa: E402
 import preflight  # noqa: E402
 import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
-from memory import MemoryModel, StateMeter  # noqa: E402
+from memory import MemoryModel, StateMeter, host_peaks  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402
 from preflight import fail  # noqa: E402
@@ -198,10 +199,9 @@ def load_microbatch(mb, idx):
 # -----------------------------------------------------------------------------
 # model config, memory model, cost model (all a dry run needs: nothing is allocated yet)
 
-ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if init_from == "resume":
-    model_config = ModelConfig(**json.loads(meta_ckpt["model_config"]))
+    model_config = ModelConfig(**meta_ckpt["model_config"])
 elif init_from == "scratch":  # the preset's vocabulary, grown to the dataset tokenizer's rounded up to 64
     model_config = ModelConfig(**{**PRESETS[model_preset].__dict__,
                                   "vocab_size": max(PRESETS[model_preset].vocab_size, -(-ds.meta["vocab_size"] // 64) * 64)})
@@ -235,8 +235,9 @@ if dry_run:  # the first 5 global batches (or fewer), as training draws them
 # model, optimizer
 
 os.makedirs(out_dir, exist_ok=True)
-if init_from in ("scratch", "resume"):
-    model = Transformer(model_config)
+if init_from in ("scratch", "resume"):  # resume: on meta, allocated after sharding and filled from the checkpoint
+    with torch.device("meta" if init_from == "resume" else "cpu"):
+        model = Transformer(model_config)
 else:
     try:
         model = Transformer.from_pretrained(init_from)
@@ -257,17 +258,18 @@ optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fu
 meter = StateMeter(raw_model, named_params.values(), optimizer)  # measures the first step's state bytes
 
 start_iter = 0
-if init_from == "resume":
-    start_iter = int(checkpoint.load(ckpt_path, raw_model, optimizer, fsdp=fsdp)["iter"])
-    log(f"resumed from {ckpt_path} at iter {start_iter}")
+if init_from == "resume":  # each rank reads only its own shards (DCP reshards to this world, dp and cp)
+    ckpt = checkpoint.latest(out_dir)
+    start_iter = checkpoint.load(ckpt, raw_model, optimizer)["iter"]
+    log(f"resumed from {ckpt} at iter {start_iter}")
 if master:
     checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume")
 
 
-def save_checkpoint(it):  # every rank: under FSDP2 the gather is a collective; rank 0 writes
+def save_checkpoint(it):  # every rank writes its own shards
     try:
-        checkpoint.save(ckpt_path, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
-                        dataset=dataset, fsdp=fsdp, master=master)
+        checkpoint.save(out_dir, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
+                        dataset=dataset, async_save=async_save)
     except ValueError as e:  # non-finite weights: the last good checkpoint stays
         fail(str(e))
 
@@ -393,7 +395,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         # optimizer step: the weights, the last checkpoint and metrics.jsonl stay as they were
         fail(f"iter {it + 1}: loss {loss_val} / gradient norm {grad_norm} is not finite; stopped before the optimizer "
              f"step. Lower learning_rate or check the data. Last checkpoint: "
-             f"{f'iter {last_saved} in {ckpt_path}' if last_saved else 'none'}")
+             f"{f'iter {last_saved} in {checkpoint.latest(out_dir)}' if last_saved else 'none'}")
     optimizer.step()
     if measure:  # what persists to the next step (gradients included), and the most held within this one
         state = meter.finish(world_size, device)
@@ -405,6 +407,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
     dts.append(dt)
     last = it + 1 == max_iters
     eval_loss = evaluate(it) if eval_sets and eval_interval and ((it + 1) % eval_interval == 0 or last) else None
+    host = host_peaks(world_size, device)  # every rank: since the last record (so the previous save counts here)
     if master:
         tokens = sum(lengths)
         peak = max(max(mb.rank_tokens(lengths)) for mbs in plan for mb in mbs)  # padded share + local tokens
@@ -414,6 +417,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
                "rollbacks": sum(mb.rollbacks for mbs in plan for mb in mbs), "lr": lr}
         if eval_loss is not None:
             rec["eval_loss"] = round(eval_loss, 6)
+        rec.update(host)
         if measure:
             rec.update(state)
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
@@ -429,17 +433,17 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
                 f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
                 f"peak {peak}/{bucket_size} tok{mem_s} | eta {eta / 60:.1f}min")
     if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last):
-        save_checkpoint(it + 1)  # every rank: under FSDP2 the gather is a collective
+        save_checkpoint(it + 1)  # every rank writes its own shards
         last_saved = it + 1
 
 if checkpoint_interval and max_iters == 0:  # no step: the initial weights (a "before training" model); every rank
     save_checkpoint(0)
-if export:  # after the checkpoint: exporting a LoRA model merges the adapters in place
-    from export import export_hf
-    trained = checkpoint.full_model(raw_model, fsdp, master)  # every rank: under FSDP2 a collective
-    if master:
-        for path in export_hf(trained, out_dir, tokenizer=ds.meta["tokenizer"], base_model=init_from):
-            log(f"exported {path}")
+checkpoint.wait()  # an async save still writing
+if export:  # streamed: FSDP2's shards are gathered one tensor at a time (every rank), rank 0 writes
+    from export import export_hf, live_reader
+    for path in export_hf(out_dir, model_config, live_reader(raw_model), lora=checkpoint.lora_of(config),
+                          tokenizer=ds.meta["tokenizer"], base_model=init_from, write=master):
+        log(f"exported {path}")
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
 if ddp:
     dist.destroy_process_group()
