@@ -21,6 +21,7 @@ thread while training goes on; the next save (or wait(), before the run exits) w
 
 train.py resumes with load(); export.py and sample.py read tensors with read_tensors() and load_model().
 """
+import contextlib
 import json
 import os
 import re
@@ -32,8 +33,6 @@ import torch.distributed as dist
 
 from model import ModelConfig, Transformer
 
-# one process without a process group is a normal case here (no_dist=True), not a mistake to warn about
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # The config keys a resumed run must keep: they decide the data order (seed, the global batch, the
 # dataset) or the model, so changing them would silently train a different run. Everything else may
@@ -101,6 +100,15 @@ def build_model(model_config, lora=None, device=None):
 def lora_of(config):
     """train.py's config -> the {rank, alpha, targets} of build_model, or None."""
     return {k: config[f"lora_{k}"] for k in ("rank", "alpha", "targets")} if config.get("lora_rank") else None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """One process without a process group is a normal run here (no_dist=True), not a mistake DCP should
+    warn about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _no_dist():
@@ -179,13 +187,15 @@ def save(out_dir, model, optimizer, *, it, config, identity, dataset, async_save
     writer = FileSystemWriter(tmp)  # fsyncs every file it writes
     if not async_save:
         import torch.distributed.checkpoint as dcp
-        dcp.save(state, storage_writer=writer, no_dist=_no_dist())
+        with _quiet():
+            dcp.save(state, storage_writer=writer, no_dist=_no_dist())
         finish()
         return
     import torch.distributed.checkpoint as dcp
     if _async_group is None and not _no_dist():
         _async_group = dist.new_group(backend="gloo")
-    future = dcp.async_save(state, storage_writer=writer, process_group=_async_group, no_dist=_no_dist())
+    with _quiet():
+        future = dcp.async_save(state, storage_writer=writer, process_group=_async_group, no_dist=_no_dist())
     _pending = (getattr(future, "upload_completion", future), finish)
 
 
@@ -229,11 +239,13 @@ def load(path, model, optimizer=None):
     meta = read_metadata(path)
     if optimizer is not None and meta.get("optimizer"):
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=path, no_dist=_no_dist())
+        with _quiet():
+            dcp.load({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=path, no_dist=_no_dist())
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=path, no_dist=_no_dist())
+        with _quiet():
+            dcp.load({"model": model_sd}, checkpoint_id=path, no_dist=_no_dist())
         set_model_state_dict(model, model_sd)
     return meta
 
@@ -243,7 +255,8 @@ def read_tensors(path, specs):
     process group): only these tensors' bytes are read, so a caller holds a few tensors at a time."""
     import torch.distributed.checkpoint as dcp
     state = {"model": {n: torch.empty(shape, dtype=dtype) for n, (shape, dtype) in specs.items()}}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with _quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     return state["model"]
 
 
@@ -325,11 +338,17 @@ def convert(out_dir):
     return latest(out_dir)
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """python checkpoint.py OUT_DIR: convert OUT_DIR/ckpt.safetensors (see convert)."""
     import sys
-    if len(sys.argv) != 2:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
         sys.exit("usage: python checkpoint.py OUT_DIR   (converts OUT_DIR/ckpt.safetensors to OUT_DIR/ckpt/step-N/)")
     try:
-        print(f"wrote {convert(sys.argv[1])}; {os.path.join(sys.argv[1], OLD_FILE)} can be deleted")
+        print(f"wrote {convert(argv[0])}; {os.path.join(argv[0], OLD_FILE)} can be deleted")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
