@@ -79,6 +79,17 @@ def probes(out_dir, call):
     return got
 
 
+def descendants(pid):
+    """The processes started by `pid`, and theirs (Linux /proc)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return [d for k in kids for d in (k, *descendants(k))]
+
+
 def kill_during_save(out_dir, nproc, overrides, step):
     """Start a run and SIGKILL all its processes once step-<step>.tmp/ holds a shard file but no meta.json."""
     p = launch(out_dir, nproc, overrides)
@@ -86,7 +97,11 @@ def kill_during_save(out_dir, nproc, overrides, step):
     while p.poll() is None:
         names = os.listdir(tmp) if os.path.isdir(tmp) else []
         if any(n.endswith(".distcp") for n in names) and "meta.json" not in names:
-            os.killpg(p.pid, signal.SIGKILL)
+            for pid in [*descendants(p.pid), p.pid]:  # torchrun starts each rank in a session of its own
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             p.wait()
             return sorted(names)
         time.sleep(0.005)
@@ -119,7 +134,9 @@ def main():
     # 1. the uninterrupted run; a run killed during its step-4 save; resumes at three layouts
     full = run(W("full"), 4, common)
     on_disk = kill_during_save(W("run"), 4, {**common, "checkpoint_interval": 2}, step=4)
+    time.sleep(1)
     from checkpoint import latest
+    assert sorted(os.listdir(W("run/ckpt"))) == ["step-00000002", "step-00000004.tmp"], os.listdir(W("run/ckpt"))
     print(f"\n1. killed (SIGKILL, all ranks) while writing step-00000004.tmp/ {on_disk}; newest complete checkpoint: "
           f"{os.path.relpath(latest(W('run')), args.work)}")
     for name in ("dp4", "cp4", "sync", "async"):  # the same state: the step-2 checkpoint and a killed step-4 tmp/

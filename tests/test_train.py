@@ -240,7 +240,7 @@ def test_fsdp_uneven_microbatches_checkpoint_modes_and_resume(tmp_path, dataset)
     # resharding: the FSDP2 checkpoint of 4 ranks resumes exactly at 4, and at 1 process without FSDP2 (dp 1 x 8)
     shutil.copytree(part, tmp_path / "one")
     resumed, one = train_all((part, dataset, dict(**fsdp, init_from="resume", **args)),
-                             (tmp_path / "one", dataset, dict(init_from="resume", **{**args, "batch_size": 8})))
+                             (tmp_path / "one", dataset, dict(init_from="resume", **{**args, "batch_size": 8, "bucket_size": 320})))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in sharded]
     assert [r.get("eval_loss") for r in resumed] == [r.get("eval_loss") for r in sharded]
     assert_same_run(sharded, one)
