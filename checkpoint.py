@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import warnings
 
 import torch
@@ -196,18 +197,31 @@ def save(out_dir, model, optimizer, *, it, config, identity, dataset, async_save
         _async_group = dist.new_group(backend="gloo")
     with _quiet():
         future = dcp.async_save(state, storage_writer=writer, process_group=_async_group, no_dist=_no_dist())
-    _pending = (getattr(future, "upload_completion", future), finish)
+    done, errors = threading.Event(), []
+
+    def on_written(f):  # in the writer thread, as soon as every rank's files are written: rename it into place
+        try:
+            f.result()
+            finish()
+        except BaseException as e:  # noqa: B036  raised by wait(), in the training thread
+            errors.append(e)
+        finally:
+            done.set()
+    getattr(future, "upload_completion", future).add_done_callback(on_written)
+    _pending = (done, errors)
 
 
 def wait():
-    """Block until the async save in flight (if any) is written and renamed into place; its errors are
-    raised here. Every rank calls it before the next save and before the run exits."""
+    """Block until the async save in flight (if any) is written and renamed into place; its errors
+    (storage errors included) are raised here. Every rank calls it before the next save and before the run
+    exits. The rename itself does not wait for this call: it happens as soon as the files are written."""
     global _pending
     if _pending is None:
         return
-    (future, finish), _pending = _pending, None
-    future.result()
-    finish()
+    (done, errors), _pending = _pending, None
+    done.wait()
+    if errors:
+        raise errors[0]
 
 
 _cpu = None

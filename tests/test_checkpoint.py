@@ -165,10 +165,15 @@ def test_nonfinite_checkpoint_is_never_written(tmp_path):
 
 
 def test_async_save_writes_the_state_at_the_call(tmp_path):
-    """async_save returns once the state is staged: changing the weights afterwards does not reach the file."""
+    """async_save returns once the state is staged: changing the weights afterwards does not reach the file.
+    The folder is renamed into place as soon as it is written, before wait() is called."""
     model, optimizer = trained()
     save(tmp_path, model, optimizer, async_save=True)
     step(model, optimizer)  # training goes on while it writes
+    deadline = time.time() + 60
+    while checkpoint.latest(str(tmp_path)) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.latest(str(tmp_path)) is not None
     checkpoint.wait()
     assert os.listdir(tmp_path / "ckpt") == ["step-00000002"]
     loaded, _ = checkpoint.load_model(str(tmp_path))
