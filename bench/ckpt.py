@@ -108,6 +108,14 @@ def kill_during_save(out_dir, nproc, overrides, step):
     raise SystemExit(f"the run ended before its step-{step} save could be interrupted: {open(os.path.join(out_dir, 'run.log')).read()[-2000:]}")
 
 
+def peak_rss(cmd, cwd):
+    """The peak resident memory of a command, in bytes (GNU time's %M)."""
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stderr.strip().splitlines()[-1]) * 1024
+
+
 def losses(records, first):
     return [r["loss"] for r in records if r["iter"] >= first]
 
@@ -184,12 +192,13 @@ def main():
               f"ranks) {blocked} | losses equal to uninterrupted: {losses(got, 3) == losses(full, 3)}")
 
     # 4. export from the sharded checkpoint (the resumed run's last), then transformers vs our logits
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "export.py", f"--out_dir={W('run')}"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    peak = int(r.stderr.strip().splitlines()[-1]) * 1024
-    print(f"\n4. export.py --out_dir=<run>: peak host memory {peak / MiB:,.0f} MiB; the model's fp32 bytes {4 * n_params / MiB:,.0f} MiB "
-          f"({peak / (4 * n_params):.2f}x)")
+    peak = peak_rss([sys.executable, "export.py", f"--out_dir={W('run')}"], ROOT)
+    floor = peak_rss([sys.executable, "-c", "import export"], ROOT)  # the interpreter, torch and the imports alone
+    print(f"\n4. export.py --out_dir=<run>: peak host memory {peak / MiB:,.0f} MiB (importing it alone: {floor / MiB:,.0f} MiB); "
+          f"the model's fp32 bytes {4 * n_params / MiB:,.0f} MiB ({peak / (4 * n_params):.2f}x)")
+    if args.baseline_src:
+        old_peak = peak_rss([sys.executable, "export.py", f"--out_dir={W('baseline')}"], args.baseline_src)
+        print(f"   the baseline's export.py from its single-file checkpoint: {old_peak / MiB:,.0f} MiB")
     check = ("import sys, torch, transformers\nsys.path.insert(0, '.')\nfrom checkpoint import load_model\n"
              f"ours, _ = load_model({W('run')!r})\n"
              f"hf = transformers.Qwen2ForCausalLM.from_pretrained({os.path.join(W('run'), 'hf')!r}, attn_implementation='eager', dtype=torch.float32)\n"
