@@ -131,7 +131,7 @@ def _nonfinite(state):
     return bad
 
 
-_pending = None  # the async save in flight: (future, finish) on every rank
+_pending = None  # the async save in flight, on every rank: (an Event set once it is written and renamed, its errors)
 _async_group = None  # a gloo group of its own: the writer thread's collectives never meet training's
 
 
@@ -154,11 +154,10 @@ def save(out_dir, model, optimizer, *, it, config, identity, dataset, async_save
         n_bad = int(n_bad)
     else:
         n_bad = len(bad)
-    last = latest(out_dir)
     if n_bad:
-        raise ValueError(f"iter {it}: not writing a checkpoint with non-finite values in "
-                         f"{', '.join(bad[:3]) or 'another rank' + chr(39) + 's shards'}; "
-                         f"{last or os.path.join(out_dir, 'ckpt')} keeps the last good one")
+        where = ", ".join(bad[:3]) or "another rank's shards"
+        raise ValueError(f"iter {it}: not writing a checkpoint with non-finite values in {where}; "
+                         f"{latest(out_dir) or os.path.join(out_dir, 'ckpt')} keeps the last good one")
     root = os.path.join(out_dir, "ckpt")
     final = os.path.join(root, f"step-{it:08d}")
     tmp = final + ".tmp"
@@ -178,6 +177,7 @@ def save(out_dir, model, optimizer, *, it, config, identity, dataset, async_save
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(final):  # the same step saved again: move the old one aside, then swap
+            shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
         os.replace(tmp, final)
         _fsync_dir(root)  # the rename itself durable
