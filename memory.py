@@ -217,6 +217,37 @@ class StateMeter:
         return {"state_bytes_per_rank": int(b[0]), "peak_state_bytes_per_rank": int(b[1])}
 
 
+def host_peak():
+    """This process's peak resident host memory in bytes since the previous call, and the clock restarted:
+    Linux's VmHWM, reset by writing "5" to /proc/self/clear_refs. Where that file is not writable (or off
+    Linux) the peak since the process started (VmHWM, else getrusage), which never goes down."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return peak
+
+
+def host_peaks(world_size, device):
+    """host_peak() of every rank -> {"host_peak_max", "host_peak_min"} in bytes, on every rank. One
+    all_reduce of two integers (a collective: every rank calls it)."""
+    b = torch.tensor([host_peak()] * 2, dtype=torch.int64, device=device)
+    b[1] = -b[1]
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(b, op=dist.ReduceOp.MAX)
+    return {"host_peak_max": int(b[0]), "host_peak_min": -int(b[1])}
+
+
 if __name__ == "__main__":  # python memory.py [world] [device GB]: the README's memory table
     import sys
 

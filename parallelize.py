@@ -37,17 +37,25 @@ def parallelize(model, *, fsdp, recompute, device, compute_dtype=None):
     `device` and, with fsdp, shard each block and then the rest (embeddings, final norm, lm_head) over the
     default mesh, i.e. all ranks. compute_dtype: FSDP2 gathers parameters in it and reduce-scatters fp32
     gradients (None: the parameters' own dtype). With LoRA, FSDP2 shards and gathers the frozen weights
-    too, but only the adapters get gradients, so only they are reduce-scattered and get optimizer state."""
+    too, but only the adapters get gradients, so only they are reduce-scattered and get optimizer state.
+    A model built on the meta device (a resumed run: every weight comes from the checkpoint) is sharded
+    first and allocated after, uninitialised, so no rank ever holds all of it."""
     for block in model.layers:
         block.recompute = recompute
-    model.to(device)
-    if not fsdp:
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=False)
-    return fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    on_meta = next(model.parameters()).is_meta
+    if not on_meta:
+        model.to(device)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp, reshard_after_forward=False)
+        model = fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    if on_meta:
+        model.to_empty(device=device)
+        if model.config.tie_embeddings:  # to_empty gave each module its own tensor: share one again
+            model.lm_head.weight = model.embed_tokens.weight
+    return model
 
 
 def unshard_all(model):

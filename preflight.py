@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 import scheduler
-from checkpoint import RESUME_MUST_MATCH, read_metadata, resume_identity
+from checkpoint import OLD_FILE, RESUME_MUST_MATCH, find, latest, read_metadata, resume_identity
 from data.synthetic import MIN_LEN, TABLE1
 from memory import USABLE
 from model import PRESETS, ROPE_TYPES, ModelConfig
@@ -96,6 +96,8 @@ def _check_choices(c, world_size, ddp):
         fail(f"dtype={c.dtype!r} on CUDA: attention runs flash kernels, which need bfloat16 (autocast); use dtype='bfloat16'")
     if c.activation_checkpoint not in ("none", "full", "selective"):
         fail(f"activation_checkpoint={c.activation_checkpoint!r}: expected none, full or selective")
+    if not isinstance(c.async_save, bool):
+        fail(f"async_save={c.async_save!r}: expected True or False")
     if c.fsdp is not None and not isinstance(c.fsdp, bool):
         fail(f"fsdp={c.fsdp!r}: expected True or False (or None for the default)")
     if c.fsdp and not ddp and not c.dry_run:
@@ -115,7 +117,7 @@ def _check_paths(c):
         fail(f"dataset={c.dataset!r}: not a prepared dataset directory (make one with data/prepare.py), "
              f"or leave dataset unset for the synthetic set")
     if c.init_from not in ("scratch", "resume"):
-        if os.path.exists(os.path.join(c.init_from, "ckpt.safetensors")):
+        if os.path.isdir(os.path.join(c.init_from, "ckpt")) or os.path.exists(os.path.join(c.init_from, OLD_FILE)):
             fail(f"init_from={c.init_from!r} is a training run's out_dir, not a Hugging Face checkpoint: "
                  f"to continue it use --init_from=resume --out_dir={c.init_from}")
         if not os.path.isfile(os.path.join(c.init_from, "config.json")):
@@ -133,8 +135,7 @@ def _check_out_dir(c, dp):
     """A fresh run refuses an out_dir holding a run unless overwrite=True; a resumed run refuses a
     checkpoint whose RESUME_MUST_MATCH values differ from this config's. Returns the checkpoint's metadata
     when resuming."""
-    ckpt = os.path.join(c.out_dir, "ckpt.safetensors")
-    run_files = [f for f in ("ckpt.safetensors", "metrics.jsonl") if os.path.exists(os.path.join(c.out_dir, f))]
+    run_files = [f for f in ("ckpt", OLD_FILE, "metrics.jsonl") if os.path.exists(os.path.join(c.out_dir, f))]
     if c.dry_run:  # plans only: writes nothing, so out_dir may hold anything
         return None
     if c.init_from != "resume":
@@ -142,9 +143,10 @@ def _check_out_dir(c, dp):
             fail(f"out_dir={c.out_dir!r} already holds a run ({', '.join(run_files)}): continue it with --init_from=resume, "
                  f"or start over with --overwrite=True (replaces its checkpoint and metrics)")
         return None
-    if not os.path.isfile(ckpt):
-        fail(f"init_from='resume' but {ckpt} does not exist")
+    if latest(c.out_dir) is None and not os.path.exists(os.path.join(c.out_dir, OLD_FILE)):
+        fail(f"init_from='resume' but {os.path.join(c.out_dir, 'ckpt')} holds no checkpoint (it does not exist)")
     try:
+        ckpt = find(c.out_dir)
         meta = read_metadata(ckpt)
     except ValueError as e:
         fail(str(e))
@@ -153,7 +155,7 @@ def _check_out_dir(c, dp):
              f"the same run")
     if int(meta["iter"]) > c.max_iters:
         fail(f"max_iters={c.max_iters} is below the checkpoint's iteration {meta['iter']}: raise max_iters to continue")
-    saved = json.loads(meta["resume_identity"])
+    saved = meta["resume_identity"]
     ds_meta = {}
     if c.dataset is not None:
         with open(os.path.join(c.dataset, "meta.json")) as f:

@@ -1,7 +1,7 @@
 """
 Generate from a trained model, with the tokenizer and chat format its data was prepared with.
 
-    python sample.py --out_dir=out-cpu "reverse hello"             # a train.py out_dir (ckpt.safetensors)
+    python sample.py --out_dir=out-cpu "reverse hello"             # a train.py out_dir (its newest ckpt/step-N/)
     python sample.py --hf_dir=/path/to/Qwen2.5-0.5B --prompt_file=q.txt --temperature=0.7 --top_k=50
     python sample.py --out_dir=out-cpu --eval_synthetic=100        # exact-match accuracy per synthetic task
 
@@ -118,7 +118,7 @@ def eval_synthetic(model, tok, dataset, config, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--out_dir", help="a train.py out_dir (reads ckpt.safetensors and the dataset's tokenizer)")
+    src.add_argument("--out_dir", help="a train.py out_dir (reads its newest checkpoint, ckpt/step-N/, and the dataset's tokenizer)")
     src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + model.safetensors)")
     p.add_argument("prompt", nargs="?", help="the user turn (or use --prompt_file)")
     p.add_argument("--prompt_file", help="read the user turn from this file")

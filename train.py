@@ -38,6 +38,7 @@ rope_scaling_type = None  # default (plain RoPE) | linear | yarn | llama3
 rope_scaling_factor = None  # how many times the original context the scaling stretches to
 rope_original_max_position = None  # the context length the checkpoint was trained at (yarn, llama3)
 checkpoint_interval = 50  # iters between checkpoints (and always at the end); 0 = never
+async_save = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save) while training goes on
 log_interval = 1  # iters between console lines (metrics.jsonl gets every step)
 dump_grads = False  # write the all-reduced gradients of the first step to out_dir/grads.safetensors
 # data
@@ -100,7 +101,7 @@ import costfit  # noqa: E402
 import preflight  # noqa: E402
 import scheduler  # noqa: E402
 import skrull_plus  # noqa: E402,F401  registers "skrull_plus" in scheduler.POLICIES (ours, beside the paper's)
-from memory import MemoryModel, StateMeter  # noqa: E402
+from memory import MemoryModel, StateMeter, host_peaks  # noqa: E402
 from mfu import device_peak_flops, step_mfu  # noqa: E402
 from model import Transformer  # noqa: E402
 from parallelize import (all_reduce_grads, check_ranks_agree, empty_microbatch, init_distributed, parallelize,  # noqa: E402
@@ -211,7 +212,6 @@ def load_microbatch(mb, idx):
 # -----------------------------------------------------------------------------
 # model config, memory model, cost model (all a dry run needs: nothing is allocated yet)
 
-ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 model_config = preflight.model_config(config, meta_ckpt, ds.meta["vocab_size"])  # a preset, config.json or checkpoint's, RoPE overridden
 
@@ -244,8 +244,9 @@ planner.plan_kwargs = dict(dp=dp, cp=cp, bucket_size=bucket_size, policy=schedul
 # model, optimizer
 
 os.makedirs(out_dir, exist_ok=True)
-if init_from in ("scratch", "resume"):
-    model = Transformer(model_config)
+if init_from in ("scratch", "resume"):  # resume: on meta, allocated after sharding and filled from the checkpoint
+    with torch.device("meta" if init_from == "resume" else "cpu"):
+        model = Transformer(model_config)
 else:
     try:
         model = Transformer.from_pretrained(init_from, config=model_config)
@@ -266,19 +267,20 @@ optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fu
 meter = StateMeter(raw_model, named_params.values(), optimizer)  # measures the first step's state bytes
 
 start_iter = 0
-if init_from == "resume":
-    meta = checkpoint.load(ckpt_path, raw_model, optimizer, fsdp=fsdp)
-    start_iter = int(meta["iter"])
-    calib.load_state(json.loads(meta.get("calibration", "null")))  # the constants and fit the run had reached
-    log(f"resumed from {ckpt_path} at iter {start_iter}")
+if init_from == "resume":  # each rank reads only its own shards (DCP reshards to this world, dp and cp)
+    ckpt = checkpoint.latest(out_dir)
+    meta = checkpoint.load(ckpt, raw_model, optimizer)
+    start_iter = meta["iter"]
+    calib.load_state(meta.get("calibration"))  # the constants and fit the run had reached
+    log(f"resumed from {ckpt} at iter {start_iter}")
 if master:
     checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume")
 
 
-def save_checkpoint(it):  # every rank: under FSDP2 the gather is a collective; rank 0 writes
+def save_checkpoint(it):  # every rank writes its own shards
     try:
-        checkpoint.save(ckpt_path, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
-                        dataset=dataset, fsdp=fsdp, master=master, extra={"calibration": calib.state()})
+        checkpoint.save(out_dir, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
+                        dataset=dataset, async_save=async_save, extra={"calibration": calib.state()})
     except ValueError as e:  # non-finite weights: the last good checkpoint stays
         fail(str(e))
 
@@ -420,7 +422,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         # optimizer step: the weights, the last checkpoint and metrics.jsonl stay as they were
         fail(f"iter {it + 1}: loss {loss_val} / gradient norm {grad_norm} is not finite; stopped before the optimizer "
              f"step. Lower learning_rate or check the data. Last checkpoint: "
-             f"{f'iter {last_saved} in {ckpt_path}' if last_saved else 'none'}")
+             f"{f'iter {last_saved} in {checkpoint.latest(out_dir)}' if last_saved else 'none'}")
     optimizer.step()
     if measure:  # what persists to the next step (gradients included), and the most held within this one
         state = meter.finish(world_size, device)
@@ -433,6 +435,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
     saving = bool(checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last))
     calib.after_step(it, lengths, plan, dt, figures, outlier=eval_now or saving)  # every rank: may gather and fit
     eval_loss = evaluate(it, planned.cost) if eval_now else None
+    host = host_peaks(world_size, device)  # every rank: since the last record (so the previous save counts here)
     if master:
         tokens = sum(lengths)
         peak = figures["peak_tokens_per_rank"]  # padded share + local tokens
@@ -443,6 +446,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             rec["mfu"] = round(step_mfu(cost, lengths, dt, world_size, device_peak, lora=bool(lora_rank)), 5)
         if eval_loss is not None:
             rec["eval_loss"] = round(eval_loss, 6)
+        rec.update(host)
         if measure:
             rec.update(state)
         rec.update(calib.metrics(it, figures, dt))  # pred_ms, pred_err; cost_constants when they change
@@ -460,17 +464,17 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
                 f"dt {dt * 1e3:.0f}ms (pred {rec['pred_err']:+.0%}) | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
                 f"peak {peak}/{bucket_size} tok{mem_s} | eta {eta / 60:.1f}min")
     if saving:
-        save_checkpoint(it + 1)  # every rank: under FSDP2 the gather is a collective
+        save_checkpoint(it + 1)  # every rank writes its own shards
         last_saved = it + 1
 
 if checkpoint_interval and max_iters == 0:  # no step: the initial weights (a "before training" model); every rank
     save_checkpoint(0)
-if export:  # after the checkpoint: exporting a LoRA model merges the adapters in place
-    from export import export_hf
-    trained = checkpoint.full_model(raw_model, fsdp, master)  # every rank: under FSDP2 a collective
-    if master:
-        for path in export_hf(trained, out_dir, tokenizer=ds.meta["tokenizer"], base_model=init_from):
-            log(f"exported {path}")
+checkpoint.wait()  # an async save still writing
+if export:  # streamed: FSDP2's shards are gathered one tensor at a time (every rank), rank 0 writes
+    from export import export_hf, live_reader
+    for path in export_hf(out_dir, model_config, live_reader(raw_model), lora=checkpoint.lora_of(config),
+                          tokenizer=ds.meta["tokenizer"], base_model=init_from, write=master):
+        log(f"exported {path}")
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
 if ddp:
     dist.destroy_process_group()

@@ -14,16 +14,15 @@ import tempfile
 
 from bench.common import median_range, train_run
 
-ITEMSIZE = {"F64": 8, "F32": 4, "I64": 8, "F16": 2, "BF16": 2, "I32": 4}  # bytes per element, by safetensors dtype name
-
-
-def optimizer_state(ckpt):
-    """-> (trainable parameters, optimizer-state bytes) from a checkpoint's AdamW tensors."""
-    from safetensors import safe_open
-    with safe_open(ckpt, "pt") as f:
-        optim = {k: f.get_slice(k) for k in f.keys() if k.startswith("optim.")}
-        trainable = sum(math.prod(s.get_shape()) for k, s in optim.items() if k.endswith(".exp_avg"))
-        nbytes = sum(math.prod(s.get_shape()) * ITEMSIZE[s.get_dtype()] for s in optim.values())
+def optimizer_state(out_dir):
+    """-> (trainable parameters, optimizer-state bytes) from the AdamW tensors of a run's newest checkpoint
+    (DCP's .metadata lists every tensor's full shape and dtype; no tensor is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from checkpoint import latest
+    items = FileSystemReader(latest(out_dir)).read_metadata().state_dict_metadata
+    optim = {k: v for k, v in items.items() if k.startswith("optim.state.")}
+    trainable = sum(math.prod(v.size) for k, v in optim.items() if k.endswith(".exp_avg"))
+    nbytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in optim.values())
     return trainable, nbytes
 
 
@@ -46,7 +45,7 @@ def main(argv=None):
             m = train_run(out, 1, dict(max_iters=args.iters, checkpoint_interval=args.iters, threads=1, export=False,
                                        model_preset=args.model_preset, eval_interval=0, **settings[name]))
             tps[name].append(statistics.median(r["tok_per_s"] for r in m[args.warmup:]))
-            state[name] = optimizer_state(os.path.join(out, "ckpt.safetensors"))
+            state[name] = optimizer_state(out)
             print(f"  {name} rep {rep}: {tps[name][-1]:,.0f} tok/s (median of steps {args.warmup}..{args.iters - 1})", flush=True)
     print(f"\nLoRA (r={args.lora_rank}, alpha={2 * args.lora_rank}, targets {args.lora_targets}) vs full fine-tuning, "
           f"model preset {args.model_preset}, train.py config/long_sft_cpu.py, 1 process x 1 thread, "

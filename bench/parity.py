@@ -129,7 +129,7 @@ def write_tiny_hf(path, family):
 
 
 def check_export(out_dir, n_tokens=600, seed=0):
-    """Max |logit difference| between out_dir/ckpt.safetensors in our model and out_dir/hf in transformers,
+    """Max |logit difference| between the newest checkpoint of out_dir in our model and out_dir/hf in transformers,
     on n_tokens random tokens (positions 0..n_tokens-1)."""
     import transformers
 

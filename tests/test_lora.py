@@ -5,8 +5,8 @@ adapters are trainable. The train.py side (LoRA losses equal across schedules an
 import pytest
 import torch
 
-from export import export_hf
-from lora import LoRALinear, apply_lora, parse_targets, save_adapter
+from export import export_hf, live_reader
+from lora import LoRALinear, apply_lora, merge_lora, parse_targets, save_adapter
 from model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -57,7 +57,9 @@ def test_adapter_matches_peft_and_merge(tmp_path, tie, targets):
     with torch.no_grad():
         torch.testing.assert_close(ours_logits, ref(input_ids=idx).logits, **TOL)
 
-    export_hf(ours, tmp_path / "out")  # merges in place, then writes out/hf
+    # export.py merges each adapter into its weight as it streams them out; merge_lora does it in place
+    export_hf(str(tmp_path / "out"), ours.config, live_reader(ours), lora=ours.lora)
+    merge_lora(ours)
     assert not any(isinstance(m, LoRALinear) for m in ours.modules())
     with torch.no_grad():
         torch.testing.assert_close(load_hf(tmp_path / "out" / "hf")(input_ids=idx).logits, ours_logits, **TOL)

@@ -121,7 +121,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         msg = str(e.value.code)
         assert msg.startswith("error: ") and words in msg and "\n" not in msg, (args, msg)
     rc, out, err = run_sample("--out_dir", str(tmp_path / "missing"), "hi")  # and as a user sees it
-    assert rc == 1 and err == f"error: {tmp_path / 'missing' / 'ckpt.safetensors'}: no checkpoint (train with checkpoint_interval > 0 to write one)\n"
+    assert rc == 1 and err == f"error: {tmp_path / 'missing' / 'ckpt'}: no checkpoint (train with checkpoint_interval > 0 to write one)\n"
     (tmp_path / "p.txt").write_text("upper abc")
     rc, out, err = run_sample("--hf_dir", str(tmp_path / "hf"), "--tokenizer=byte", "--prompt_file", str(tmp_path / "p.txt"),
                               "--max_new_tokens=5", "--temperature=0")

@@ -98,7 +98,7 @@ def test_resume_is_exact(tmp_path, dataset):
     part = tmp_path / "part"
     full, _ = train_all((tmp_path / "full", dataset, dict(max_iters=6, calibrate=False, **EVAL)),
                         (part, dataset, dict(max_iters=3, checkpoint_interval=3, calibrate=False, **EVAL)))
-    assert os.path.exists(part / "ckpt.safetensors") and not os.path.exists(part / "ckpt.safetensors.tmp")
+    assert os.listdir(part / "ckpt") == ["step-00000003"]  # complete (renamed from step-00000003.tmp), no other
     shutil.copytree(part, tmp_path / "part2")
     # the second: cp and schedule change who computes what, never what is computed: a resume may change them
     resumed, other = train_all((part, dataset, dict(max_iters=6, init_from="resume", calibrate=False, **EVAL)),
@@ -242,18 +242,22 @@ def test_fsdp_uneven_microbatches_checkpoint_modes_and_resume(tmp_path, dataset)
     assert s_ref == static_bytes(cfg, 4, False)["persistent"] + 4 * n_tensors
     assert sharded[0]["peak_state_bytes_per_rank"] > s_fsdp and ref[0]["peak_state_bytes_per_rank"] > s_ref
 
-    resumed = train(part, dataset, **fsdp, init_from="resume", **args)
+    # resharding: the FSDP2 checkpoint of 4 ranks resumes exactly at 4, and at 1 process without FSDP2 (dp 1 x 8)
+    shutil.copytree(part, tmp_path / "one")
+    resumed, one = train_all((part, dataset, dict(**fsdp, init_from="resume", **args)),
+                             (tmp_path / "one", dataset, dict(init_from="resume", **{**args, "batch_size": 8, "bucket_size": 320})))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in sharded]
     assert [r.get("eval_loss") for r in resumed] == [r.get("eval_loss") for r in sharded]
+    assert_same_run(sharded, one)
 
-    # the FSDP2 checkpoint holds full tensors: save_pretrained of them is a directory transformers loads
+    # export.py streams the sharded checkpoint into a directory transformers loads, with our model's logits
     import transformers
-    model = Transformer(cfg).eval()
-    weights = load_file(os.path.join(part, "ckpt.safetensors"))
-    missing = model.load_state_dict({n: weights[f"model.{n}"] for n, _ in model.named_parameters()}, strict=False).missing_keys
-    assert missing == ["lm_head.weight"]  # tied to embed_tokens.weight, which was loaded
-    model.save_pretrained(tmp_path / "hf")
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32)
+    from checkpoint import load_model
+    from export import main as export_main
+    export_main([f"--out_dir={part}"])
+    model, meta = load_model(str(part))
+    assert meta["iter"] == 2 and model.config == cfg
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(part / "hf", attn_implementation="eager", dtype=torch.float32)
     idx = torch.randint(0, 264, (1, 32))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(input_ids=idx).logits, rtol=1e-4, atol=1e-5)
@@ -284,12 +288,16 @@ def test_lora_equivalence_and_peft(tmp_path, dataset):
 
     from model import Transformer
     frozen = dict(Transformer.from_pretrained(base).named_parameters())  # a tied lm_head is embed_tokens
+    from torch.distributed.checkpoint import FileSystemReader
+    from checkpoint import latest, read_tensors
     for run_dir in ("ref", "naive"):  # without and with FSDP2
-        ckpt = load_file(tmp_path / run_dir / "ckpt.safetensors")
-        optim = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in ckpt if k.startswith("optim.")}
+        path = latest(str(tmp_path / run_dir))
+        keys = FileSystemReader(path).read_metadata().state_dict_metadata
+        optim = {k[len("optim.state."):].rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
         assert optim and all(".lora_" in n for n in optim)  # no AdamW state for frozen weights
+        saved = read_tensors(path, {n: (t.shape, t.dtype) for n, t in frozen.items()})
         for n, t in frozen.items():
-            torch.testing.assert_close(ckpt[f"model.{n}"], t, atol=0, rtol=0)  # untouched by training
+            torch.testing.assert_close(saved[n], t, atol=0, rtol=0)  # untouched by training
     for f in ("adapter/adapter_model.safetensors", "hf/model.safetensors"):  # FSDP2's export, gathered on every rank
         a, b = load_file(tmp_path / "ref" / f), load_file(tmp_path / "naive" / f)
         assert a.keys() == b.keys()
