@@ -93,6 +93,7 @@ from memory import MemoryModel, StateMeter  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from parallelize import all_reduce_grads, check_ranks_agree, empty_microbatch, parallelize, reshard_all, unshard_all  # noqa: E402
 from preflight import fail  # noqa: E402
+from run_guard import RunGuard, resume_hint  # noqa: E402
 
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else (dry_run_world or cp) if dry_run else 1
@@ -234,6 +235,9 @@ if dry_run:  # the first 5 global batches (or fewer), as training draws them
 # -----------------------------------------------------------------------------
 # model, optimizer
 
+# one run owns out_dir (run_guard): rank 0 locks it and checks it again under the lock, and every rank agrees.
+# From here on SIGTERM, SIGINT and SIGUSR1 stop the run after the current step, with a checkpoint
+guard = RunGuard(out_dir, master, world_size, device, recheck=lambda: preflight.validate_config(config, world_size, ddp))
 os.makedirs(out_dir, exist_ok=True)
 if init_from in ("scratch", "resume"):
     model = Transformer(model_config)
@@ -260,16 +264,15 @@ start_iter = 0
 if init_from == "resume":
     start_iter = int(checkpoint.load(ckpt_path, raw_model, optimizer, fsdp=fsdp)["iter"])
     log(f"resumed from {ckpt_path} at iter {start_iter}")
-if master:
-    checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume")
+guard.checked_write(metrics_path, lambda: master and checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume"),
+                    resume_hint(ckpt_path, start_iter))
 
 
 def save_checkpoint(it):  # every rank: under FSDP2 the gather is a collective; rank 0 writes
-    try:
-        checkpoint.save(ckpt_path, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
-                        dataset=dataset, fsdp=fsdp, master=master)
-    except ValueError as e:  # non-finite weights: the last good checkpoint stays
-        fail(str(e))
+    # a storage error, or non-finite weights (ValueError), on any rank stops every rank; the last checkpoint stays
+    guard.checked_write(ckpt_path, lambda: checkpoint.save(ckpt_path, raw_model, optimizer, it=it, config=config, dataset=dataset,
+                        identity=checkpoint.resume_identity(config, dp, ds.meta), fsdp=fsdp, master=master),
+                        resume_hint(ckpt_path, last_saved))
 
 
 # -----------------------------------------------------------------------------
@@ -419,8 +422,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
             rec["predicted_memory"] = int(mem.peak(max(mb.rank_tokens(lengths)[cp_rank] for mb in plan[dp_rank])))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
+        guard.append_record(metrics_path, json.dumps(rec, allow_nan=False))  # strict JSON, one write (run_guard.append_line)
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
             eta = (max_iters - it - 1) * sum(dts[-10:]) / len(dts[-10:])
             mem_s = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
@@ -428,19 +430,26 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f}{ev} | lr {lr:.2e} | "
                 f"dt {dt * 1e3:.0f}ms | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
                 f"peak {peak}/{bucket_size} tok{mem_s} | eta {eta / 60:.1f}min")
-    if checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last):
+    stop = guard.agree_to_stop()  # every rank: a signal, or a failed metrics write, on any rank stops all of them here
+    if stop == "signal" or checkpoint_interval and ((it + 1) % checkpoint_interval == 0 or last):
         save_checkpoint(it + 1)  # every rank: under FSDP2 the gather is a collective
         last_saved = it + 1
+    if stop:
+        guard.stop(stop, it + 1, ckpt_path, last_saved)  # one line saying how to resume; a non-zero exit
 
 if checkpoint_interval and max_iters == 0:  # no step: the initial weights (a "before training" model); every rank
     save_checkpoint(0)
 if export:  # after the checkpoint: exporting a LoRA model merges the adapters in place
     from export import export_hf
     trained = checkpoint.full_model(raw_model, fsdp, master)  # every rank: under FSDP2 a collective
-    if master:
-        for path in export_hf(trained, out_dir, tokenizer=ds.meta["tokenizer"], base_model=init_from):
-            log(f"exported {path}")
+    exported = []
+    guard.checked_write(os.path.join(out_dir, "hf"), lambda: master and exported.extend(
+        export_hf(trained, out_dir, tokenizer=ds.meta["tokenizer"], base_model=init_from)),
+        f"export again with `python export.py --out_dir={out_dir}`" if last_saved else "train again (no checkpoint was written)")
+    for path in exported:
+        log(f"exported {path}")
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
+guard.release()
 if ddp:
     dist.destroy_process_group()
     # skip the interpreter's finalisation, where gloo's worker threads still holding tensors can end a run
