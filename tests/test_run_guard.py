@@ -1,0 +1,372 @@
+"""run_guard.py: one run per out_dir, a checkpoint on preemption, one line when storage fails.
+- the lock: a second owner is refused; a dead owner (same host: its PID; another host: its heartbeat) is
+  taken over, atomically when several launches race; the heartbeat process keeps the lock fresh;
+- storage errors are dug out of what the writers raise, and metrics lines are whole or absent;
+- through train.py (slow): two launches into one out_dir and a resume during a run (one proceeds), kill -9
+  then a takeover, SIGTERM in one process and under torchrun at cp 2 (the resumed losses equal an
+  uninterrupted run's), a full tmpfs and a file-size limit (one `error:` line, nothing lost).
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run_guard
+from conftest import ROOT, assert_golden, command, env, train
+
+# -----------------------------------------------------------------------------
+# the lock, in this process
+
+
+def write_lock(out_dir, owner, age=0.0):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, run_guard.LOCK_NAME)
+    with open(path, "w") as f:
+        json.dump(owner, f)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def here(pid, **extra):
+    """A lock record as a process `pid` on this machine writes it."""
+    stat = run_guard._proc_stat(pid)
+    return {**run_guard._machine(), "pid": pid, "pid_start": stat and stat[1], "started": "then", "token": "t", **extra}
+
+
+def test_second_owner_refused_until_released(tmp_path):
+    me, owner = run_guard.acquire(str(tmp_path))
+    assert owner is None and me["pid"] == os.getpid()
+    again, owner = run_guard.acquire(str(tmp_path))
+    assert again is None and owner == me
+    assert "belongs to another run (host " in run_guard.refusal(str(tmp_path), owner)
+    assert run_guard.live_owner(str(tmp_path)) is None  # this process's own lock does not refuse it
+    run_guard.release(str(tmp_path), me["token"])
+    assert os.listdir(tmp_path) == []
+    assert run_guard.acquire(str(tmp_path))[0] is not None
+
+
+def test_dead_owner_on_this_host_is_taken_over(tmp_path):
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        write_lock(tmp_path, here(child.pid))
+        assert run_guard.acquire(str(tmp_path))[1]["pid"] == child.pid  # alive: refused
+        child.kill()
+        time.sleep(0.2)  # killed, not yet reaped: a zombie is gone too
+        assert run_guard._proc_stat(child.pid)[0] == "Z"
+        me, owner = run_guard.acquire(str(tmp_path))
+        assert owner is None and me["pid"] == os.getpid()
+    finally:
+        child.kill()
+        child.wait()
+    gone = here(os.getpid())
+    gone["pid"] = child.pid  # reaped: no such process
+    write_lock(tmp_path, gone)
+    assert run_guard.acquire(str(tmp_path))[1] is None
+    reused = here(os.getpid(), pid_start=1)  # a live PID that started at another time: reused, not the owner
+    write_lock(tmp_path, reused)
+    assert run_guard.acquire(str(tmp_path))[1] is None
+
+
+def test_other_host_judged_by_heartbeat(tmp_path):
+    other = {"host": "node7", "boot_id": "b", "pid_ns": "p", "pid": 1, "started": "then", "token": "t"}
+    write_lock(tmp_path, other, age=1.0)
+    assert run_guard.acquire(str(tmp_path), stale_s=30, heartbeat_s=10)[1] == other  # fresh: refused at once
+    write_lock(tmp_path, other, age=31.0)
+    assert run_guard.acquire(str(tmp_path), stale_s=30, heartbeat_s=10)[1] is None  # stale: taken over
+    write_lock(tmp_path, other, age=1.0)  # silent for more than 3 heartbeats: waited for, then taken over
+    t0 = time.time()
+    assert run_guard.acquire(str(tmp_path), stale_s=2.0, heartbeat_s=0.2)[1] is None
+    assert 0.8 < time.time() - t0 < 5
+    write_lock(tmp_path, other, age=1.0)
+    assert run_guard.acquire(str(tmp_path), stale_s=2.0, heartbeat_s=0.2, wait=False)[1] == other
+
+
+def test_racing_takeovers_leave_one_owner(tmp_path):
+    """Eight launches at once find one stale lock: exactly one becomes the owner, and the lock names it."""
+    write_lock(tmp_path, {"host": "node7", "pid": 1, "token": "t"}, age=500)
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import run_guard\n"
+            "time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
+            f"me, owner = run_guard.acquire({str(tmp_path)!r})\n"
+            "print('OWNER' if me else 'REFUSED', me and me['token'], flush=True)\n"
+            "sys.stdin.read()\n")  # alive until every launch has decided: a dead owner's lock is stale
+    start = time.time() + 1.0
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(8)]
+    outs = [p.stdout.readline().split() for p in procs]
+    for p in procs:
+        p.communicate(timeout=60)
+    owners = [o for o in outs if o[0] == "OWNER"]
+    assert len(owners) == 1, outs
+    held = json.load(open(tmp_path / run_guard.LOCK_NAME))
+    assert held["token"] == owners[0][1]
+    assert sorted(os.listdir(tmp_path)) == [run_guard.LOCK_NAME]  # no temp or stale names left behind
+
+
+def test_heartbeat_process(tmp_path):
+    me, _ = run_guard.acquire(str(tmp_path))
+    path = os.path.join(str(tmp_path), run_guard.LOCK_NAME)
+    os.utime(path, (time.time() - 100, time.time() - 100))
+    beat = subprocess.Popen([sys.executable, run_guard.__file__, path, me["token"], str(os.getpid()), "0.2"])
+    try:
+        time.sleep(1.0)
+        assert time.time() - os.stat(path).st_mtime < 1.0
+        write_lock(tmp_path, {**me, "token": "another run's"})  # taken over: the heartbeat stops
+        beat.wait(timeout=5)
+    finally:
+        beat.kill()
+        beat.wait()
+
+
+# -----------------------------------------------------------------------------
+# storage errors
+
+
+def test_storage_error_is_dug_out():
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+    from safetensors import SafetensorError
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert run_guard.storage_error(full) is full
+    try:  # torch.save into a full file: a RuntimeError raised while handling the OSError
+        try:
+            raise OSError(errno.EIO, "Input/output error")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as e:
+        wrapped = e
+    assert run_guard.storage_error(wrapped).errno == errno.EIO
+    dcp = CheckpointException("save failed", {1: _wrap_exception(wrapped)})  # a BaseException
+    assert run_guard.storage_error(dcp).errno == errno.EIO
+    st = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert run_guard.storage_error(st).errno == errno.ENOSPC
+    assert run_guard.storage_error(ValueError("not a storage error")) is None
+    msg = run_guard.storage_message("out/ckpt", run_guard.storage_error(st), run_guard.resume_hint("out/ckpt", 4))
+    assert msg == ("error: cannot write out/ckpt: No space left on device (ENOSPC); the filesystem is full: free space on "
+                   "it, or copy out_dir to a larger one, then resume with --init_from=resume: out/ckpt holds iter 4, intact")
+    perm = run_guard.storage_message("o", OSError(errno.EACCES, "Permission denied", "o/m"), "retry")
+    assert perm.startswith("error: cannot write o/m: Permission denied (EACCES); this user may not write there")
+
+
+def test_append_line_keeps_whole_lines(tmp_path):
+    """Under a real file-size limit (RLIMIT_FSIZE) the append that crosses it fails part-way (EFBIG): the
+    partial line is cut off, so every line left is a whole record."""
+    path = tmp_path / "metrics.jsonl"
+    code = (f"import errno, json, resource, signal, sys; sys.path.insert(0, {ROOT!r}); import run_guard\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+            "for i in range(100):\n"
+            "    try:\n"
+            f"        run_guard.append_line({str(path)!r}, json.dumps({{'iter': i + 1, 'pad': 'x' * 70}}))\n"
+            "    except OSError as e:\n"
+            "        print(i, errno.errorcode[e.errno]); break\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    n, name = r.stdout.split()
+    assert name == "EFBIG" and 5 < int(n) < 20, r.stdout + r.stderr
+    lines = path.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["iter"] for line in lines] == list(range(1, int(n) + 1))
+    assert all(line.endswith("\n") for line in lines)
+
+
+# -----------------------------------------------------------------------------
+# through train.py
+
+
+def slowed(tmp_path, seconds):
+    """A train.py launcher whose optimizer steps also sleep `seconds` (the same losses, a slower run), so a
+    test can act while a run is between known steps."""
+    path = tmp_path / f"slow_{seconds}.py"
+    path.write_text("import runpy, sys, time, torch\n"
+                    "step = torch.optim.AdamW.step\n"
+                    f"torch.optim.AdamW.step = lambda self, *a, **k: (time.sleep({seconds}), step(self, *a, **k))[1]\n"
+                    f"sys.argv = ['train.py'] + sys.argv[1:]\nsys.path.insert(0, {ROOT!r})\n"
+                    f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
+    return str(path)
+
+
+def start(cmd):
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+
+
+def records(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def wait_for(cond, timeout=120, procs=()):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        for p in procs:
+            assert p.poll() is None, f"exited early ({p.returncode}): {p.stderr.read()[-2000:]}"
+        time.sleep(0.02)
+
+
+def ckpt_iter(out_dir):
+    from checkpoint import read_metadata
+    return int(read_metadata(os.path.join(out_dir, "ckpt.safetensors"))["iter"])
+
+
+def one_line(err):
+    err = err.strip()
+    assert "Traceback" not in err and "\n" not in err and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.slow
+def test_one_run_per_out_dir(tmp_path, dataset):
+    """Two launches 0.5 s apart: one proceeds, the other refuses with one line naming the owner. A resume
+    launched while the run goes refuses too. kill -9 of the owner: a new launch takes over and finishes."""
+    d = tmp_path / "dup"
+    cmd = command(d, dataset, script=slowed(tmp_path, 0.2), max_iters=60, checkpoint_interval=5)
+    first = start(cmd)
+    time.sleep(0.5)
+    second = start(cmd)
+    wait_for(lambda: first.poll() is not None or second.poll() is not None)  # the refused one ends first
+    refused, owner = (first, second) if first.poll() is not None else (second, first)
+    err = one_line(refused.communicate()[1])
+    assert refused.returncode != 0 and "belongs to another run" in err and f"PID {owner.pid}," in err, err
+    assert "started 20" in err and "host " in err
+
+    wait_for(lambda: os.path.exists(d / "ckpt.safetensors"), procs=[owner])
+    resume = command(d, dataset, init_from="resume", max_iters=60, checkpoint_interval=5)
+    r = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode != 0 and f"PID {owner.pid}," in one_line(r.stderr) and owner.poll() is None
+
+    owner.kill()  # kill -9: the lock stays, naming a dead PID
+    owner.wait()
+    assert os.path.exists(d / run_guard.LOCK_NAME)
+    saved = ckpt_iter(d)
+    r = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {d / 'ckpt.safetensors'} at iter {saved}" in r.stdout
+    assert [rec["iter"] for rec in records(d)] == list(range(1, 61))  # strictly increasing, one run's records
+    assert not os.path.exists(d / run_guard.LOCK_NAME)  # released at the end
+
+
+def sigterm_mid_run(cmd, out_dir, after):
+    """Start `cmd`, SIGTERM it once metrics.jsonl has `after` records, and return (returncode, stderr)."""
+    p = start(cmd)
+    wait_for(lambda: len(records(out_dir)) >= after, procs=[p])
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
+def check_preempted(out_dir, rc, err, max_iters):
+    """The run stopped with the resume line, and its checkpoint holds the last completed step."""
+    done = [r["iter"] for r in records(out_dir)]
+    it = done[-1]
+    assert rc != 0 and done == list(range(1, it + 1)) and it < max_iters, (rc, done, err[-2000:])
+    assert (f"stopped by SIGTERM after iter {it}: {out_dir / 'ckpt.safetensors'} holds iter {it}; resume with the same "
+            f"command and --init_from=resume") in err.splitlines(), err[-2000:]
+    assert ckpt_iter(out_dir) == it
+    assert not os.path.exists(out_dir / run_guard.LOCK_NAME)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, dataset):
+    """One process: SIGTERM mid-run writes a checkpoint of the last completed step (checkpoint_interval=0:
+    only the signal writes one) and exits 143; resuming reaches the end with an uninterrupted run's losses.
+    A second signal exits at once, without a checkpoint."""
+    args = dict(max_iters=8, eval_fraction=0.25, eval_interval=2, eval_batches=2)
+    d, twice = tmp_path / "term", tmp_path / "twice"
+    reference = start(command(tmp_path / "ref", dataset, **args))
+    rc, err = sigterm_mid_run(command(d, dataset, script=slowed(tmp_path, 0.4), **args), d, after=2)
+    assert rc == 128 + signal.SIGTERM
+    check_preempted(d, rc, err, 8)
+
+    p = start(command(twice, dataset, script=slowed(tmp_path, 2.0), **args))
+    wait_for(lambda: len(records(twice)) >= 1, procs=[p])
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    t0 = time.time()
+    _, err2 = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGINT and time.time() - t0 < 1.5, (p.returncode, err2)
+    assert "SIGINT again: stopping now without a checkpoint" in err2
+    assert not os.path.exists(twice / "ckpt.safetensors") and not os.path.exists(twice / run_guard.LOCK_NAME)
+
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    resumed = train(d, dataset, init_from="resume", **args)
+    want = records(tmp_path / "ref")
+    assert [(r["iter"], r["loss"], r.get("eval_loss")) for r in resumed] == \
+           [(r["iter"], r["loss"], r.get("eval_loss")) for r in want]
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_cp2(tmp_path, dataset):
+    """torchrun forwards SIGTERM to both ranks; they agree on the step, write one checkpoint together and
+    stop. The resumed run's losses equal the uninterrupted run pinned in tests/golden (cp2_skrull_plus)."""
+    from golden.make_golden import TEST_RUNS
+    args = {k: v for k, v in TEST_RUNS["cp2_skrull_plus"].items() if k not in ("dump_grads", "nproc")}
+    d = tmp_path / "cp2"
+    rc, err = sigterm_mid_run(command(d, dataset, nproc=2, script=slowed(tmp_path, 1.0), **args), d, after=1)
+    check_preempted(d, rc, err, 4)
+    assert_golden("cp2_skrull_plus", train(d, dataset, nproc=2, init_from="resume", **args))
+
+
+def mount_tmpfs(path, size):
+    os.makedirs(path)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): the file-size-limit test covers the logic")
+
+
+@pytest.mark.slow
+def test_full_disk(tmp_path, dataset):
+    """A 14 MB tmpfs holds one checkpoint of the tiny model (9.4 MB) but not the next one's temp file: one
+    `error:` line, non-zero exit, the checkpoint at iter 2 intact, metrics.jsonl whole; resumed in a larger
+    directory, the run reaches the end. Then a 2 MB tmpfs: the export fails the same way."""
+    small, big = tmp_path / "small", tmp_path / "big"
+    mount_tmpfs(small, "14m")
+    try:
+        d = small / "run"
+        r = subprocess.run(command(d, dataset, max_iters=6, checkpoint_interval=2), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env())
+        err = one_line(r.stderr)
+        assert r.returncode != 0
+        assert err.startswith(f"error: cannot write {d / 'ckpt.safetensors'}") and "(ENOSPC)" in err, err
+        assert f"resume with --init_from=resume: {d / 'ckpt.safetensors'} holds iter 2, intact" in err
+        assert ckpt_iter(d) == 2 and [rec["iter"] for rec in records(d)] == [1, 2, 3, 4]
+        shutil.copytree(d, big)
+    finally:
+        subprocess.run(["umount", str(small)])
+    m = train(big, dataset, max_iters=6, checkpoint_interval=2, init_from="resume")
+    assert [rec["iter"] for rec in m] == list(range(1, 7)) and ckpt_iter(big) == 6
+
+    tiny = tmp_path / "tiny"
+    mount_tmpfs(tiny, "2m")
+    try:
+        r = subprocess.run(command(tiny / "run", dataset, max_iters=1, export=True), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env())
+        err = one_line(r.stderr)
+        assert r.returncode != 0 and f"cannot write {tiny / 'run' / 'hf'}" in err and "(ENOSPC)" in err, err
+        assert "train again" in err and records(tiny / "run")[0]["iter"] == 1
+    finally:
+        subprocess.run(["umount", str(tiny)])
+
+
+@pytest.mark.slow
+def test_metrics_write_failure(tmp_path, dataset):
+    """A real failing write of metrics.jsonl (a file-size limit: EFBIG) stops the run at that step with one
+    line; the file keeps whole records only."""
+    wrapper = tmp_path / "fsize.py"
+    wrapper.write_text("import resource, runpy, sys\n"
+                       "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\n"
+                       f"sys.argv = ['train.py'] + sys.argv[1:]\nsys.path.insert(0, {ROOT!r})\n"
+                       f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
+    d = tmp_path / "fsize"
+    r = subprocess.run(command(d, dataset, script=str(wrapper), max_iters=30), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env())
+    err = one_line(r.stderr)
+    assert r.returncode != 0 and err.startswith(f"error: cannot write {d / 'metrics.jsonl'}: File too large (EFBIG)"), err
+    assert err.endswith("start the run again (no checkpoint had been written)")
+    iters = [rec["iter"] for rec in records(d)]
+    assert 3 < len(iters) < 30 and iters == list(range(1, len(iters) + 1))
+    assert open(d / "metrics.jsonl").read().endswith("\n")
