@@ -29,7 +29,8 @@ Preemption. SIGTERM (what clusters and torchrun send), SIGINT (Ctrl-C) and SIGUS
 `--signal`) only set a flag: the current step finishes. At the end of every step all ranks agree whether
 any of them was signalled (agree_to_stop: one all_reduce of two integers), so they stop at the same step,
 write one checkpoint together and exit with 128 + the signal number and one line saying how to resume.
-A second signal exits at once (no checkpoint).
+A second signal exits at once (no checkpoint); one within REPEAT_S of the first counts as the same
+signal, delivered twice (SLURM signals every process of a job step, and torchrun forwards it again).
 
 Storage errors. A checkpoint, metrics.jsonl or export write that fails with ENOSPC, EIO, EACCES and the
 like ends every rank with one `error:` line naming the path and what to do (storage_message). The
@@ -55,6 +56,7 @@ LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0  # the owner touches its lock this often
 STALE_S = 120.0  # a lock untouched this long (by the filesystem's clock) belongs to a run that is gone
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_S = 1.0  # a repeat this soon is the same signal delivered twice (by the scheduler and by torchrun)
 
 # -----------------------------------------------------------------------------
 # the out_dir lock
@@ -343,9 +345,11 @@ class RunGuard:
     def _on_signal(self, signum, frame):
         name = signal.Signals(signum).name
         if self.signal is None:
-            self.signal = signum
+            self.signal, self.signal_time = signum, time.monotonic()
             if self.master:  # os.write: print could re-enter a stream the main thread is writing
                 os.write(2, f"{name}: stopping after this step with a checkpoint (a second signal stops at once)\n".encode())
+            return
+        if time.monotonic() - self.signal_time < REPEAT_S:
             return
         if self.master:
             os.write(2, f"{name} again: stopping now without a checkpoint; resume from the last one with "
@@ -377,7 +381,8 @@ class RunGuard:
             t = torch.tensor([reason, sig], dtype=torch.int64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             reason, sig = t.tolist()
-        self.signal = self.signal or sig or None
+        if sig and not self.signal:  # another rank was signalled: a signal here now is a second one
+            self.signal, self.signal_time = sig, time.monotonic() - REPEAT_S
         return [None, "signal", "write", "lost"][reason]
 
     def stop(self, reason, it, ckpt_path, last_saved):

@@ -16,7 +16,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import run_guard
 from conftest import ROOT, assert_golden, command, env, train
@@ -177,20 +176,27 @@ def test_append_line_keeps_whole_lines(tmp_path):
 # through train.py
 
 
-def slowed(tmp_path, seconds):
-    """A train.py launcher whose optimizer steps also sleep `seconds` (the same losses, a slower run), so a
-    test can act while a run is between known steps."""
-    path = tmp_path / f"slow_{seconds}.py"
-    path.write_text("import runpy, sys, time, torch\n"
-                    "step = torch.optim.AdamW.step\n"
-                    f"torch.optim.AdamW.step = lambda self, *a, **k: (time.sleep({seconds}), step(self, *a, **k))[1]\n"
+def gated(tmp_path, step):
+    """A train.py launcher whose optimizer step number `step` waits (inside the step) until the file `gate`
+    beside it exists: the same losses, and a test knows which step a run is in when it acts."""
+    path, gate = tmp_path / f"gated_{step}.py", tmp_path / f"gate_{step}"
+    path.write_text("import os, runpy, sys, time, torch\n"
+                    "step, calls = torch.optim.AdamW.step, []\n"
+                    "def gated(self, *a, **k):\n"
+                    "    calls.append(1)\n"
+                    f"    while len(calls) == {step} and not os.path.exists({str(gate)!r}):\n"
+                    "        time.sleep(0.02)\n"
+                    "    return step(self, *a, **k)\n"
+                    "torch.optim.AdamW.step = gated\n"
                     f"sys.argv = ['train.py'] + sys.argv[1:]\nsys.path.insert(0, {ROOT!r})\n"
                     f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
-    return str(path)
+    return str(path), gate
 
 
-def start(cmd):
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+def start(cmd, err=None):
+    """Popen `cmd` as conftest.run does; stderr to the file `err` if given (a test can read it while it runs)."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env(),
+                            stderr=open(err, "w") if err else subprocess.PIPE)
 
 
 def records(out_dir):
@@ -198,12 +204,12 @@ def records(out_dir):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def wait_for(cond, timeout=120, procs=()):
+def wait_for(cond, timeout=300, procs=()):
     t0 = time.time()
     while not cond():
         assert time.time() - t0 < timeout, "timed out"
         for p in procs:
-            assert p.poll() is None, f"exited early ({p.returncode}): {p.stderr.read()[-2000:]}"
+            assert p.poll() is None, f"exited early ({p.returncode}): {p.communicate()}"
         time.sleep(0.02)
 
 
@@ -223,150 +229,151 @@ def test_one_run_per_out_dir(tmp_path, dataset):
     """Two launches 0.5 s apart: one proceeds, the other refuses with one line naming the owner. A resume
     launched while the run goes refuses too. kill -9 of the owner: a new launch takes over and finishes."""
     d = tmp_path / "dup"
-    cmd = command(d, dataset, script=slowed(tmp_path, 0.2), max_iters=60, checkpoint_interval=5)
+    script, _ = gated(tmp_path, 7)  # the owner waits in step 7 (after the checkpoint at 5) until killed
+    cmd = command(d, dataset, script=script, max_iters=20, checkpoint_interval=5)
+    resume = command(d, dataset, init_from="resume", max_iters=20, checkpoint_interval=5)
     first = start(cmd)
     time.sleep(0.5)
     second = start(cmd)
-    wait_for(lambda: first.poll() is not None or second.poll() is not None)  # the refused one ends first
+    wait_for(lambda: os.path.exists(d / run_guard.LOCK_NAME))
+    during = start(resume)  # launched while a run holds out_dir
+    wait_for(lambda: first.poll() is not None or second.poll() is not None)  # the refused one ends
     refused, owner = (first, second) if first.poll() is not None else (second, first)
-    err = one_line(refused.communicate()[1])
-    assert refused.returncode != 0 and "belongs to another run" in err and f"PID {owner.pid}," in err, err
-    assert "started 20" in err and "host " in err
-
-    wait_for(lambda: os.path.exists(d / "ckpt.safetensors"), procs=[owner])
-    resume = command(d, dataset, init_from="resume", max_iters=60, checkpoint_interval=5)
-    r = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env())
-    assert r.returncode != 0 and f"PID {owner.pid}," in one_line(r.stderr) and owner.poll() is None
+    for p in (refused, during):
+        err = one_line(p.communicate(timeout=300)[1])
+        assert p.returncode != 0 and "belongs to another run" in err and f"PID {owner.pid}," in err, err
+        assert "started 20" in err and "host " in err
+    wait_for(lambda: len(records(d)) == 6, procs=[owner])
 
     owner.kill()  # kill -9: the lock stays, naming a dead PID
     owner.wait()
-    assert os.path.exists(d / run_guard.LOCK_NAME)
-    saved = ckpt_iter(d)
+    assert os.path.exists(d / run_guard.LOCK_NAME) and ckpt_iter(d) == 5
     r = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from {d / 'ckpt.safetensors'} at iter {saved}" in r.stdout
-    assert [rec["iter"] for rec in records(d)] == list(range(1, 61))  # strictly increasing, one run's records
+    assert f"resumed from {d / 'ckpt.safetensors'} at iter 5" in r.stdout
+    assert [rec["iter"] for rec in records(d)] == list(range(1, 21))  # strictly increasing, one run's records
     assert not os.path.exists(d / run_guard.LOCK_NAME)  # released at the end
 
 
-def sigterm_mid_run(cmd, out_dir, after):
-    """Start `cmd`, SIGTERM it once metrics.jsonl has `after` records, and return (returncode, stderr)."""
-    p = start(cmd)
-    wait_for(lambda: len(records(out_dir)) >= after, procs=[p])
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    return p.returncode, err
+def sigterm_in_step(cmd, gate, out_dir, err_path, step, signalled):
+    """Run `cmd` (gated at `step`), SIGTERM `signalled(proc)` while it waits inside that step, let the step
+    finish once rank 0 has noticed the signal, and return (returncode, stderr)."""
+    p = start(cmd, err_path)
+    wait_for(lambda: len(records(out_dir)) == step - 1, procs=[p])
+    os.kill(signalled(p), signal.SIGTERM)
+    wait_for(lambda: "stopping after this step" in open(err_path).read(), procs=[p])
+    gate.touch()
+    p.wait(timeout=300)
+    return p.returncode, open(err_path).read()
 
 
-def check_preempted(out_dir, rc, err, max_iters):
-    """The run stopped with the resume line, and its checkpoint holds the last completed step."""
-    done = [r["iter"] for r in records(out_dir)]
-    it = done[-1]
-    assert rc != 0 and done == list(range(1, it + 1)) and it < max_iters, (rc, done, err[-2000:])
+def check_preempted(out_dir, rc, err, it):
+    """The run stopped after step `it` with the resume line, and its checkpoint holds that step."""
+    assert rc != 0 and [r["iter"] for r in records(out_dir)] == list(range(1, it + 1)), (rc, err[-3000:])
     assert (f"stopped by SIGTERM after iter {it}: {out_dir / 'ckpt.safetensors'} holds iter {it}; resume with the same "
-            f"command and --init_from=resume") in err.splitlines(), err[-2000:]
+            f"command and --init_from=resume") in err.splitlines(), err[-3000:]
     assert ckpt_iter(out_dir) == it
     assert not os.path.exists(out_dir / run_guard.LOCK_NAME)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, dataset):
-    """One process: SIGTERM mid-run writes a checkpoint of the last completed step (checkpoint_interval=0:
+    """One process: SIGTERM during step 3 lets it finish, writes a checkpoint of it (checkpoint_interval=0:
     only the signal writes one) and exits 143; resuming reaches the end with an uninterrupted run's losses.
     A second signal exits at once, without a checkpoint."""
-    args = dict(max_iters=8, eval_fraction=0.25, eval_interval=2, eval_batches=2)
+    args = dict(max_iters=6, eval_fraction=0.25, eval_interval=2, eval_batches=2)
     d, twice = tmp_path / "term", tmp_path / "twice"
     reference = start(command(tmp_path / "ref", dataset, **args))
-    rc, err = sigterm_mid_run(command(d, dataset, script=slowed(tmp_path, 0.4), **args), d, after=2)
-    assert rc == 128 + signal.SIGTERM
-    check_preempted(d, rc, err, 8)
+    script, gate = gated(tmp_path, 3)
+    p = start(command(twice, dataset, script=gated(tmp_path, 2)[0], **args), tmp_path / "twice.err")
+    rc, err = sigterm_in_step(command(d, dataset, script=script, **args), gate, d, tmp_path / "term.err", 3, lambda p: p.pid)
+    assert rc == 128 + signal.SIGTERM and err.startswith("SIGTERM: stopping after this step with a checkpoint")
+    check_preempted(d, rc, err, 3)
 
-    p = start(command(twice, dataset, script=slowed(tmp_path, 2.0), **args))
-    wait_for(lambda: len(records(twice)) >= 1, procs=[p])
+    wait_for(lambda: len(records(twice)) == 1, procs=[p])  # waiting in step 2, for good
     p.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    time.sleep(run_guard.REPEAT_S + 0.3)  # sooner, it counts as the same signal delivered twice
     p.send_signal(signal.SIGINT)
     t0 = time.time()
-    _, err2 = p.communicate(timeout=60)
-    assert p.returncode == 128 + signal.SIGINT and time.time() - t0 < 1.5, (p.returncode, err2)
-    assert "SIGINT again: stopping now without a checkpoint" in err2
+    p.wait(timeout=60)
+    assert p.returncode == 128 + signal.SIGINT and time.time() - t0 < 1.5, p.returncode
+    assert "SIGINT again: stopping now without a checkpoint" in open(tmp_path / "twice.err").read()
     assert not os.path.exists(twice / "ckpt.safetensors") and not os.path.exists(twice / run_guard.LOCK_NAME)
 
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    assert reference.wait(timeout=300) == 0, reference.communicate()
     resumed = train(d, dataset, init_from="resume", **args)
     want = records(tmp_path / "ref")
-    assert [(r["iter"], r["loss"], r.get("eval_loss")) for r in resumed] == \
+    assert len(want) == 6 and [(r["iter"], r["loss"], r.get("eval_loss")) for r in resumed] == \
            [(r["iter"], r["loss"], r.get("eval_loss")) for r in want]
 
 
 @pytest.mark.slow
 def test_sigterm_under_torchrun_cp2(tmp_path, dataset):
-    """torchrun forwards SIGTERM to both ranks; they agree on the step, write one checkpoint together and
-    stop. The resumed run's losses equal the uninterrupted run pinned in tests/golden (cp2_skrull_plus)."""
+    """SIGTERM to torchrun during step 2: it forwards it to both ranks, which agree on the step, write one
+    checkpoint together and stop. The resumed run's losses equal the uninterrupted run pinned in
+    tests/golden (cp2_skrull_plus: the same settings)."""
     from golden.make_golden import TEST_RUNS
     args = {k: v for k, v in TEST_RUNS["cp2_skrull_plus"].items() if k not in ("dump_grads", "nproc")}
     d = tmp_path / "cp2"
-    rc, err = sigterm_mid_run(command(d, dataset, nproc=2, script=slowed(tmp_path, 1.0), **args), d, after=1)
-    check_preempted(d, rc, err, 4)
+    script, gate = gated(tmp_path, 2)
+    rc, err = sigterm_in_step(command(d, dataset, nproc=2, script=script, **args), gate, d, tmp_path / "cp2.err", 2,
+                              lambda p: p.pid)  # p is torchrun
+    check_preempted(d, rc, err, 2)
     assert_golden("cp2_skrull_plus", train(d, dataset, nproc=2, init_from="resume", **args))
 
 
 def mount_tmpfs(path, size):
+    """Mount a tmpfs of `size` at `path`: whether it worked (it needs root)."""
     os.makedirs(path)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): the file-size-limit test covers the logic")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
 
 
 @pytest.mark.slow
-def test_full_disk(tmp_path, dataset):
-    """A 14 MB tmpfs holds one checkpoint of the tiny model (9.4 MB) but not the next one's temp file: one
-    `error:` line, non-zero exit, the checkpoint at iter 2 intact, metrics.jsonl whole; resumed in a larger
-    directory, the run reaches the end. Then a 2 MB tmpfs: the export fails the same way."""
-    small, big = tmp_path / "small", tmp_path / "big"
-    mount_tmpfs(small, "14m")
-    try:
-        d = small / "run"
-        r = subprocess.run(command(d, dataset, max_iters=6, checkpoint_interval=2), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env=env())
-        err = one_line(r.stderr)
-        assert r.returncode != 0
-        assert err.startswith(f"error: cannot write {d / 'ckpt.safetensors'}") and "(ENOSPC)" in err, err
-        assert f"resume with --init_from=resume: {d / 'ckpt.safetensors'} holds iter 2, intact" in err
-        assert ckpt_iter(d) == 2 and [rec["iter"] for rec in records(d)] == [1, 2, 3, 4]
-        shutil.copytree(d, big)
-    finally:
-        subprocess.run(["umount", str(small)])
-    m = train(big, dataset, max_iters=6, checkpoint_interval=2, init_from="resume")
-    assert [rec["iter"] for rec in m] == list(range(1, 7)) and ckpt_iter(big) == 6
-
-    tiny = tmp_path / "tiny"
-    mount_tmpfs(tiny, "2m")
-    try:
-        r = subprocess.run(command(tiny / "run", dataset, max_iters=1, export=True), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env=env())
-        err = one_line(r.stderr)
-        assert r.returncode != 0 and f"cannot write {tiny / 'run' / 'hf'}" in err and "(ENOSPC)" in err, err
-        assert "train again" in err and records(tiny / "run")[0]["iter"] == 1
-    finally:
-        subprocess.run(["umount", str(tiny)])
-
-
-@pytest.mark.slow
-def test_metrics_write_failure(tmp_path, dataset):
-    """A real failing write of metrics.jsonl (a file-size limit: EFBIG) stops the run at that step with one
-    line; the file keeps whole records only."""
+def test_storage_failures(tmp_path, dataset):
+    """Real failing writes, each one `error:` line naming the path and what to do, a non-zero exit, and
+    nothing lost:
+    - a 14 MB tmpfs holds one checkpoint of the tiny model (9.4 MB) but not the next one's temp file: the
+      checkpoint at iter 2 stays, metrics.jsonl is whole, and resumed in a larger directory the run ends;
+    - a 2 MB tmpfs: the export fails;
+    - a file-size limit (RLIMIT_FSIZE: EFBIG) stops a run at the step whose metrics line crosses it, and
+      the file keeps whole records only (this one needs no mount)."""
     wrapper = tmp_path / "fsize.py"
     wrapper.write_text("import resource, runpy, sys\n"
                        "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\n"
                        f"sys.argv = ['train.py'] + sys.argv[1:]\nsys.path.insert(0, {ROOT!r})\n"
                        f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
-    d = tmp_path / "fsize"
-    r = subprocess.run(command(d, dataset, script=str(wrapper), max_iters=30), cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=env())
-    err = one_line(r.stderr)
-    assert r.returncode != 0 and err.startswith(f"error: cannot write {d / 'metrics.jsonl'}: File too large (EFBIG)"), err
+    limited = tmp_path / "fsize"
+    fsize = start(command(limited, dataset, script=str(wrapper), max_iters=30))
+    small, tiny, big = tmp_path / "small", tmp_path / "tiny", tmp_path / "big"
+    mounted = mount_tmpfs(small, "14m") and mount_tmpfs(tiny, "2m")
+    try:
+        if mounted:
+            full = start(command(small / "run", dataset, max_iters=6, checkpoint_interval=2))
+            no_export = start(command(tiny / "run", dataset, max_iters=1, export=True))
+            err = one_line(full.communicate(timeout=300)[1])
+            d = small / "run"
+            assert full.returncode != 0
+            assert err.startswith(f"error: cannot write {d / 'ckpt.safetensors'}") and "(ENOSPC)" in err, err
+            assert f"resume with --init_from=resume: {d / 'ckpt.safetensors'} holds iter 2, intact" in err
+            assert ckpt_iter(d) == 2 and [rec["iter"] for rec in records(d)] == [1, 2, 3, 4]
+            shutil.copytree(d, big)
+
+            err = one_line(no_export.communicate(timeout=300)[1])
+            assert no_export.returncode != 0 and f"cannot write {tiny / 'run' / 'hf'}" in err and "(ENOSPC)" in err, err
+            assert "train again" in err and records(tiny / "run")[0]["iter"] == 1
+    finally:
+        for m in (small, tiny):
+            subprocess.run(["umount", str(m)], capture_output=True)
+
+    err = one_line(fsize.communicate(timeout=300)[1])
+    assert fsize.returncode != 0
+    assert err.startswith(f"error: cannot write {limited / 'metrics.jsonl'}: File too large (EFBIG)"), err
     assert err.endswith("start the run again (no checkpoint had been written)")
-    iters = [rec["iter"] for rec in records(d)]
+    iters = [rec["iter"] for rec in records(limited)]
     assert 3 < len(iters) < 30 and iters == list(range(1, len(iters) + 1))
-    assert open(d / "metrics.jsonl").read().endswith("\n")
+    assert open(limited / "metrics.jsonl").read().endswith("\n")
+
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (mount needs root): the file-size limit above covered the logic")
+    m = train(big, dataset, max_iters=6, checkpoint_interval=2, init_from="resume")
+    assert [rec["iter"] for rec in m] == list(range(1, 7)) and ckpt_iter(big) == 6
