@@ -55,8 +55,14 @@ def main(argv=None):
         tokenizer = (dataset_meta(meta) or {}).get("tokenizer")
         for path in export_hf(model, args.out_dir, tokenizer=tokenizer, base_model=meta["config"].get("init_from")):
             print(f"exported {path}")
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # a failed write (OSError, or safetensors' SafetensorError): one line, what to do
+        from run_guard import storage_error, storage_message
+        err = storage_error(e)
+        if err is None:
+            raise
+        sys.exit(storage_message(os.path.join(args.out_dir, "hf"), err, "run this again"))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,37 @@ def test_heartbeat_process(tmp_path):
         beat.wait()
 
 
+def test_run_guard_in_one_process(tmp_path, capsys):
+    """RunGuard at world size 1: the lock, the recheck under it, the stop reasons, and the release."""
+    handlers = {sig: signal.getsignal(sig) for sig in run_guard.STOP_SIGNALS + (signal.SIGXFSZ,)}
+    try:
+        def refuse():
+            raise SystemExit("error: out_dir holds a run now")
+        with pytest.raises(SystemExit, match="holds a run now"):
+            run_guard.RunGuard(str(tmp_path), True, 1, "cpu", recheck=refuse)
+        assert os.listdir(tmp_path) == []  # released when the recheck refuses
+        guard = run_guard.RunGuard(str(tmp_path), True, 1, "cpu")
+        lock = tmp_path / run_guard.LOCK_NAME
+        assert json.load(open(lock))["pid"] == os.getpid() and guard.heartbeat.poll() is None
+        assert guard.agree_to_stop() is None
+        guard.append_record(str(tmp_path / "missing" / "metrics.jsonl"), "{}")  # no such directory: a failed write
+        assert guard.agree_to_stop() == "write"
+        guard.write_failure = None
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler only sets the flag
+        assert guard.agree_to_stop() == "signal" and guard.signal == signal.SIGUSR1
+        write_lock(tmp_path, {"host": "node7", "pid": 1, "token": "t", "started": "later"})  # taken over
+        guard.checked = 0.0
+        assert guard.agree_to_stop() == "lost" and guard.owner is None
+        beat = guard.heartbeat
+        with pytest.raises(SystemExit):
+            guard.stop("lost", 3, "ckpt", 0)
+        assert "was taken over by another run (host node7, PID 1, started later)" in capsys.readouterr().err
+        assert os.path.exists(lock) and beat.poll() is not None  # the new owner's lock stays; the heartbeat ended
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
 # -----------------------------------------------------------------------------
 # storage errors
 
