@@ -54,7 +54,7 @@ import uuid
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0  # the owner touches its lock this often
-STALE_S = 120.0  # a lock untouched this long (by the filesystem's clock) belongs to a run that is gone
+STALE_S = 120.0  # a lock whose mtime is this much older than our clock belongs to a run that is gone
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 REPEAT_S = 1.0  # a repeat this soon is the same signal delivered twice (by the scheduler and by torchrun)
 
@@ -106,10 +106,10 @@ def same_machine(owner):
     return bool(here["boot_id"]) and all(owner.get(k) == v for k, v in here.items())
 
 
-def owner_alive(owner, mtime, stale_s=STALE_S, now=None):
+def owner_alive(owner, mtime, stale_s=STALE_S):
     """Whether the run that wrote lock record `owner` (last touched at `mtime`) may still be running."""
     if not same_machine(owner):
-        return (time.time() if now is None else now) - mtime < stale_s
+        return time.time() - mtime < stale_s
     stat = _proc_stat(owner.get("pid"))
     if stat is None:
         return False  # no such process (this machine has /proc: its boot id was read there)
@@ -212,7 +212,10 @@ def _heartbeat(path, token, parent, every):
             held = _read(path)
             if held is None or held[0].get("token") != token:
                 return
-            os.utime(path)  # on NFS the server's clock sets the mtime
+            try:
+                os.utime(path)  # on NFS the server's clock sets the mtime
+            except FileNotFoundError:  # released meanwhile
+                return
             last = time.monotonic()
         time.sleep(min(every, 0.5))
 
@@ -305,24 +308,7 @@ class RunGuard:
         import torch.distributed as dist
         self.out_dir, self.master, self.world_size, self.device = out_dir, master, world_size, device
         self.owner, self.heartbeat, self.signal, self.write_failure, self.lost, self.checked = None, None, None, None, None, 0.0
-        refused = None
-        if master:
-            me, owner = acquire(out_dir)
-            if me is None:
-                refused = "error: " + refusal(out_dir, owner)
-            else:
-                self.owner = me
-                atexit.register(self.release)
-                self.heartbeat = subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), os.path.join(out_dir, LOCK_NAME), me["token"],
-                     str(os.getpid()), str(HEARTBEAT_S)], start_new_session=True,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    if recheck is not None:
-                        recheck()
-                except SystemExit as e:
-                    self.release()
-                    refused = e.code
+        refused = self._own(recheck) if master else None
         if world_size > 1:
             ok = torch.tensor([refused is None], dtype=torch.int32, device=device)
             dist.broadcast(ok, 0)
@@ -333,7 +319,30 @@ class RunGuard:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past `ulimit -f` fails with EFBIG instead
 
+    def _own(self, recheck):
+        """Rank 0: take the lock, start its heartbeat, run `recheck` under it. Returns the refusal, or None."""
+        try:
+            me, owner = acquire(self.out_dir)
+        except OSError as e:  # out_dir cannot be created, or is full: nothing of the run was written
+            return storage_message(os.path.join(self.out_dir, LOCK_NAME), e, "start the run again")
+        if me is None:
+            return "error: " + refusal(self.out_dir, owner)
+        self.owner = me
+        atexit.register(self.release)
+        self.heartbeat = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), os.path.join(self.out_dir, LOCK_NAME), me["token"],
+             str(os.getpid()), str(HEARTBEAT_S)], start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if recheck is not None:
+                recheck()
+        except SystemExit as e:
+            self.release()
+            return e.code
+        return None
+
     def release(self):
+        """Stop the heartbeat and remove the lock if it is still this run's. Any exit, any number of times."""
         if self.heartbeat is not None:
             self.heartbeat.kill()
             self.heartbeat.wait()
