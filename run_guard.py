@@ -408,13 +408,15 @@ class RunGuard:
                      f"({describe(self.lost)}) after this run's heartbeat stalled for "
                      f"{STALE_S:.0f}s; stopping so the two do not mix. {resume_hint(ckpt_path, last_saved)}")
 
-    def checked_write(self, path, write, then):
-        """Every rank calls write() (it may hold collectives), then all agree whether it failed (one
-        all_gather of the messages): a storage error on any rank, or a ValueError (a write refused, e.g.
-        non-finite weights), ends every rank with one line naming `path` and saying what to do, then `then`."""
+    def checked_write(self, path, write, then, rank0_only=False):
+        """Every rank calls write() (it may hold collectives; rank0_only: only rank 0 does), then all agree
+        whether it failed (one all_gather of the messages): a storage error on any rank, or a ValueError (a
+        write refused, e.g. non-finite weights), ends every rank with one line naming `path` and saying what
+        to do, then `then`."""
         msg = None
         try:
-            write()
+            if self.master or not rank0_only:
+                write()
         except ValueError as e:
             msg = f"error: {e}"
         except BaseException as e:  # CheckpointException derives from BaseException

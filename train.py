@@ -264,8 +264,8 @@ start_iter = 0
 if init_from == "resume":
     start_iter = int(checkpoint.load(ckpt_path, raw_model, optimizer, fsdp=fsdp)["iter"])
     log(f"resumed from {ckpt_path} at iter {start_iter}")
-guard.checked_write(metrics_path, lambda: master and checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume"),
-                    resume_hint(ckpt_path, start_iter))
+guard.checked_write(metrics_path, lambda: checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume"),
+                    resume_hint(ckpt_path, start_iter), rank0_only=True)
 
 
 def save_checkpoint(it):  # every rank: under FSDP2 the gather is a collective; rank 0 writes
@@ -442,12 +442,12 @@ if checkpoint_interval and max_iters == 0:  # no step: the initial weights (a "b
 if export:  # after the checkpoint: exporting a LoRA model merges the adapters in place
     from export import export_hf
     trained = checkpoint.full_model(raw_model, fsdp, master)  # every rank: under FSDP2 a collective
-    exported = []
-    guard.checked_write(os.path.join(out_dir, "hf"), lambda: master and exported.extend(
-        export_hf(trained, out_dir, tokenizer=ds.meta["tokenizer"], base_model=init_from)),
-        f"export again with `python export.py --out_dir={out_dir}`" if last_saved else "train again (no checkpoint was written)")
-    for path in exported:
-        log(f"exported {path}")
+
+    def export_model():
+        for path in export_hf(trained, out_dir, tokenizer=ds.meta["tokenizer"], base_model=init_from):
+            log(f"exported {path}")
+    guard.checked_write(os.path.join(out_dir, "hf"), export_model, rank0_only=True, then=f"export again with `python export.py "
+                        f"--out_dir={out_dir}`" if last_saved else "train again (no checkpoint was written)")
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
 guard.release()
 if ddp:
