@@ -79,7 +79,13 @@ def export_hf(out_dir, model_config, read, lora=None, tokenizer=None, base_model
     os.makedirs(hf, exist_ok=True)
     with open(os.path.join(hf, "config.json"), "w") as f:
         json.dump(model_config.to_hf(), f, indent=2)
-    write_safetensors(hf, specs, tensors(), max_shard_bytes)
+    weights = tensors()
+    try:
+        write_safetensors(hf, specs, weights, max_shard_bytes)
+    except BaseException:
+        for _ in weights:  # keep reading: under FSDP2 each read is a collective the other ranks wait in
+            pass
+        raise
     if tokenizer and os.path.isdir(tokenizer):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer, name)):
@@ -154,8 +160,14 @@ def main(argv=None):
                              lora=lora_of(meta["config"]), tokenizer=tokenizer, base_model=meta["config"].get("init_from"),
                              max_shard_bytes=args.max_shard_size):
             print(f"exported {out}")
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # a failed write (OSError, or safetensors' SafetensorError): one line, what to do
+        from run_guard import storage_error, storage_message
+        err = storage_error(e)
+        if err is None:
+            raise
+        sys.exit(storage_message(os.path.join(args.out_dir, "hf"), err, "run this again"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
+import run_guard
 import scheduler
 from checkpoint import OLD_FILE, RESUME_MUST_MATCH, find, latest, read_metadata, resume_identity
 from data.synthetic import MIN_LEN, TABLE1
@@ -132,12 +133,16 @@ def _check_paths(c):
 
 
 def _check_out_dir(c, dp):
-    """A fresh run refuses an out_dir holding a run unless overwrite=True; a resumed run refuses a
-    checkpoint whose RESUME_MUST_MATCH values differ from this config's. Returns the checkpoint's metadata
-    when resuming."""
+    """Any run refuses an out_dir that a live run owns (run_guard's lock); a fresh run refuses an out_dir
+    holding a run unless overwrite=True; a resumed run refuses a checkpoint whose RESUME_MUST_MATCH values
+    differ from this config's. Returns the checkpoint's metadata when resuming. train.py runs this again
+    under the lock (run_guard.RunGuard), for a run that started in between."""
     run_files = [f for f in ("ckpt", OLD_FILE, "metrics.jsonl") if os.path.exists(os.path.join(c.out_dir, f))]
     if c.dry_run:  # plans only: writes nothing, so out_dir may hold anything
         return None
+    owner = run_guard.live_owner(c.out_dir)
+    if owner is not None:
+        fail(run_guard.refusal(c.out_dir, owner))
     if c.init_from != "resume":
         if run_files and not c.overwrite:
             fail(f"out_dir={c.out_dir!r} already holds a run ({', '.join(run_files)}): continue it with --init_from=resume, "

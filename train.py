@@ -108,6 +108,7 @@ from parallelize import (all_reduce_grads, check_ranks_agree, empty_microbatch, 
                          reshard_all, unshard_all)
 from planner import Planner  # noqa: E402
 from preflight import fail  # noqa: E402
+from run_guard import RunGuard, resume_hint  # noqa: E402
 
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else (dry_run_world or cp) if dry_run else 1
@@ -243,6 +244,9 @@ planner.plan_kwargs = dict(dp=dp, cp=cp, bucket_size=bucket_size, policy=schedul
 # -----------------------------------------------------------------------------
 # model, optimizer
 
+# one run owns out_dir (run_guard): rank 0 locks it and checks it again under the lock, and every rank agrees.
+# From here on SIGTERM, SIGINT and SIGUSR1 stop the run after the current step, with a checkpoint
+guard = RunGuard(out_dir, master, world_size, device, recheck=lambda: preflight.validate_config(config, world_size, ddp))
 os.makedirs(out_dir, exist_ok=True)
 if init_from in ("scratch", "resume"):  # resume: on meta, allocated after sharding and filled from the checkpoint
     with torch.device("meta" if init_from == "resume" else "cpu"):
@@ -267,22 +271,22 @@ optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fu
 meter = StateMeter(raw_model, named_params.values(), optimizer)  # measures the first step's state bytes
 
 start_iter = 0
+ckpt_dir = os.path.join(out_dir, "ckpt")  # one folder per saved step, ckpt/step-N/ (checkpoint.py)
 if init_from == "resume":  # each rank reads only its own shards (DCP reshards to this world, dp and cp)
     ckpt = checkpoint.latest(out_dir)
     meta = checkpoint.load(ckpt, raw_model, optimizer)
     start_iter = meta["iter"]
     calib.load_state(meta.get("calibration"))  # the constants and fit the run had reached
     log(f"resumed from {ckpt} at iter {start_iter}")
-if master:
-    checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume")
+guard.checked_write(metrics_path, lambda: checkpoint.start_metrics(out_dir, start_iter, resume=init_from == "resume"),
+                    resume_hint(ckpt_dir, start_iter), rank0_only=True)
 
 
-def save_checkpoint(it):  # every rank writes its own shards
-    try:
-        checkpoint.save(out_dir, raw_model, optimizer, it=it, config=config, identity=checkpoint.resume_identity(config, dp, ds.meta),
-                        dataset=dataset, async_save=async_save, extra={"calibration": calib.state()})
-    except ValueError as e:  # non-finite weights: the last good checkpoint stays
-        fail(str(e))
+def save_checkpoint(it, background=async_save):  # every rank writes its own shards
+    # a storage error, or non-finite weights (ValueError), on any rank stops every rank; the last checkpoint stays
+    guard.checked_write(ckpt_dir, lambda: checkpoint.save(out_dir, raw_model, optimizer, it=it, config=config, dataset=dataset,
+                        identity=checkpoint.resume_identity(config, dp, ds.meta), async_save=background,
+                        extra={"calibration": calib.state()}), resume_hint(ckpt_dir, last_saved))
 
 
 # -----------------------------------------------------------------------------
@@ -453,8 +457,7 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
         if device_type == "cuda":  # this step's peak on rank 0, next to the memory model's prediction for it
             rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
             rec["predicted_memory"] = int(mem.peak(max((mb.rank_tokens(lengths)[cp_rank] for mb in plan.microbatches), default=0)))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: NaN never reaches the file
+        guard.append_record(metrics_path, json.dumps(rec, allow_nan=False))  # strict JSON, one write (run_guard.append_line)
         if (it + 1) % log_interval == 0 or it == start_iter or it == max_iters - 1:
             eta = (max_iters - it - 1) * sum(dts[-10:]) / len(dts[-10:])
             mem_s = f" | mem {rec['max_memory_allocated'] / 2**30:.1f}GiB" if device_type == "cuda" else ""
@@ -463,19 +466,27 @@ for it in range(start_iter, max_iters):  # `it` counts steps done; this is step 
             log(f"iter {it + 1}/{max_iters} ({100 * (it + 1) / max_iters:.0f}%) | loss {loss_val:.4f}{ev} | lr {lr:.2e} | "
                 f"dt {dt * 1e3:.0f}ms (pred {rec['pred_err']:+.0%}) | tok/s {tokens / dt:,.0f} | mb {rec['n_microbatches']} | "
                 f"peak {peak}/{bucket_size} tok{mem_s} | eta {eta / 60:.1f}min")
-    if saving:
-        save_checkpoint(it + 1)  # every rank writes its own shards
+    stop = guard.agree_to_stop()  # every rank: a signal, or a failed metrics write, on any rank stops all of them here
+    if stop == "signal" or saving:
+        save_checkpoint(it + 1, background=async_save and not stop)  # every rank writes its own shards
         last_saved = it + 1
+    if stop:
+        guard.stop(stop, it + 1, ckpt_dir, last_saved)  # one line saying how to resume; a non-zero exit
 
 if checkpoint_interval and max_iters == 0:  # no step: the initial weights (a "before training" model); every rank
     save_checkpoint(0)
-checkpoint.wait()  # an async save still writing
+guard.checked_write(ckpt_dir, checkpoint.wait, resume_hint(ckpt_dir, last_saved))  # an async save still writing
 if export:  # streamed: FSDP2's shards are gathered one tensor at a time (every rank), rank 0 writes
     from export import export_hf, live_reader
-    for path in export_hf(out_dir, model_config, live_reader(raw_model), lora=checkpoint.lora_of(config),
-                          tokenizer=ds.meta["tokenizer"], base_model=init_from, write=master):
-        log(f"exported {path}")
+
+    def export_model():
+        for path in export_hf(out_dir, model_config, live_reader(raw_model), lora=checkpoint.lora_of(config),
+                              tokenizer=ds.meta["tokenizer"], base_model=init_from, write=master):
+            log(f"exported {path}")
+    guard.checked_write(os.path.join(out_dir, "hf"), export_model, then=f"export again with `python export.py "
+                        f"--out_dir={out_dir}`" if last_saved else "train again (no checkpoint was written)")
 log(f"done: {max_iters - start_iter} iters in {time.time() - t_start:.1f}s")
+guard.release()
 if ddp:
     dist.destroy_process_group()
     # skip the interpreter's finalisation, where gloo's worker threads still holding tensors can end a run
