@@ -69,7 +69,7 @@ def test_loss_falls_and_metrics_and_export(tmp_path, dataset):
     transformers = pytest.importorskip("transformers")
     from checkpoint import load_model
     ours, meta = load_model(str(run))
-    assert meta["iter"] == "12"
+    assert meta["iter"] == 12
     hf = transformers.Qwen2ForCausalLM.from_pretrained(run / "hf", attn_implementation="eager", dtype=torch.float32)
     idx = torch.randint(0, 264, (2, 40))
     with torch.no_grad():
