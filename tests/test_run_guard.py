@@ -245,8 +245,8 @@ def wait_for(cond, timeout=300, procs=()):
 
 
 def ckpt_iter(out_dir):
-    from checkpoint import read_metadata
-    return int(read_metadata(os.path.join(out_dir, "ckpt.safetensors"))["iter"])
+    from checkpoint import latest, read_metadata
+    return int(read_metadata(latest(str(out_dir)))["iter"])
 
 
 def one_line(err):
@@ -281,7 +281,7 @@ def test_one_run_per_out_dir(tmp_path, dataset):
     assert os.path.exists(d / run_guard.LOCK_NAME) and ckpt_iter(d) == 5
     r = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from {d / 'ckpt.safetensors'} at iter 5" in r.stdout
+    assert f"resumed from {d / 'ckpt' / 'step-00000005'} at iter 5" in r.stdout
     assert [rec["iter"] for rec in records(d)] == list(range(1, 21))  # strictly increasing, one run's records
     assert not os.path.exists(d / run_guard.LOCK_NAME)  # released at the end
 
@@ -301,7 +301,7 @@ def sigterm_in_step(cmd, gate, out_dir, err_path, step, signalled):
 def check_preempted(out_dir, rc, err, it):
     """The run stopped after step `it` with the resume line, and its checkpoint holds that step."""
     assert rc != 0 and [r["iter"] for r in records(out_dir)] == list(range(1, it + 1)), (rc, err[-3000:])
-    assert (f"stopped by SIGTERM after iter {it}: {out_dir / 'ckpt.safetensors'} holds iter {it}; resume with the same "
+    assert (f"stopped by SIGTERM after iter {it}: {out_dir / 'ckpt'} holds iter {it}; resume with the same "
             f"command and --init_from=resume") in err.splitlines(), err[-3000:]
     assert ckpt_iter(out_dir) == it
     assert not os.path.exists(out_dir / run_guard.LOCK_NAME)
@@ -329,7 +329,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, dataset):
     p.wait(timeout=60)
     assert p.returncode == 128 + signal.SIGINT and time.time() - t0 < 1.5, p.returncode
     assert "SIGINT again: stopping now without a checkpoint" in open(tmp_path / "twice.err").read()
-    assert not os.path.exists(twice / "ckpt.safetensors") and not os.path.exists(twice / run_guard.LOCK_NAME)
+    assert not os.path.exists(twice / "ckpt") and not os.path.exists(twice / run_guard.LOCK_NAME)
 
     assert reference.wait(timeout=300) == 0, reference.communicate()
     resumed = train(d, dataset, init_from="resume", **args)
@@ -384,8 +384,8 @@ def test_storage_failures(tmp_path, dataset):
             err = one_line(full.communicate(timeout=300)[1])
             d = small / "run"
             assert full.returncode != 0
-            assert err.startswith(f"error: cannot write {d / 'ckpt.safetensors'}") and "(ENOSPC)" in err, err
-            assert f"resume with --init_from=resume: {d / 'ckpt.safetensors'} holds iter 2, intact" in err
+            assert err.startswith(f"error: cannot write {d / 'ckpt'}") and "(ENOSPC)" in err, err
+            assert f"resume with --init_from=resume: {d / 'ckpt'} holds iter 2, intact" in err
             assert ckpt_iter(d) == 2 and [rec["iter"] for rec in records(d)] == [1, 2, 3, 4]
             shutil.copytree(d, big)
 
