@@ -8,7 +8,9 @@
     python -m bench.plan      # planning time per rank and the step's wait, 32 to 4,096 GPUs, before and after
     python -m bench.parity    # our model vs transformers' Qwen2/Qwen3/Llama for every RoPE scaling
     python -m bench.prepare_speed  # data/prepare.py tokens/s and peak memory at 1 process and every core
+    python -m bench.ckpt      # sharded checkpoints at 107M params, 4 ranks: kill -9, resharding, host memory, async, export
+    python -m bench.calibration  # what the online cost-model fit (costfit.py) costs per step and per fit
 
-bench/common.py holds what they share. The cost constants train.py reads come from calibrate.py,
+bench/common.py holds what they share; bench/ckpt_probe.py is bench.ckpt's per-rank probe. The cost constants train.py reads come from calibrate.py,
 which is part of running the method, not a benchmark.
 """
