@@ -14,8 +14,9 @@ or Llama 3
 and generation stops at the format's end of turn (<|im_end|> or <|eot_id|>) or after --max_new_tokens.
 Tokenizer and chat format: for --out_dir the prepared dataset's (its meta.json names both); for --hf_dir
 the directory's tokenizer.json and the format its special tokens imply, or --tokenizer (byte |
-cl100k_base) for a directory exported from a run on such data. --chat_format overrides the format. Decoding keeps a KV cache
-(model.KVCache), so each new token costs one token's forward pass. --temperature=0 is greedy.
+cl100k_base) for a directory exported from a run on such data. --chat_format overrides the format.
+Decoding keeps a KV cache (model.KVCache), so each new token costs one token's forward pass.
+--temperature=0 is greedy.
 
 --eval_synthetic=N answers up to N held-out samples of each task of data/synthetic.py (reverse, upper,
 key-value retrieval): the run's own held-out split (eval_fraction, seed), so none was trained on. Greedy
