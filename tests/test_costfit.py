@@ -145,8 +145,8 @@ def test_constants_plan_from_two_steps_after_the_fit():
 def test_train_with_calibration(tmp_path, dataset):
     """train.py on the simulated machine (deterministic times), dp = 2: the fitted constants change the plans
     (the ranks agree on them: check_ranks_agree, every step), the losses stay those of one process with
-    fixed constants on the same global batches, and a run stopped at a checkpoint and resumed logs the same constants, predictions and
-    bitwise the same losses as the uninterrupted run with the same checkpoints."""
+    fixed constants on the same global batches, and a run stopped at a checkpoint and resumed logs the same
+    constants, predictions and bitwise the same losses as the uninterrupted run with the same checkpoints."""
     machine = tmp_path / "machine.py"
     machine.write_text(f"import costfit\ncostfit.SIMULATED_MACHINE = {MACHINE!r}\n")
     args = dict(nproc=2, schedule="skrull_plus", batch_size=8, bucket_size=512, max_iters=6, lr_decay_iters=6,
