@@ -207,10 +207,11 @@ def replan(args, tmp):
                 for p in t:
                     t[p].append(cost.predict_step_time(plans[p], b))
             t = {p: np.array(v) for p, v in t.items()}
-            ratio = lambda a, b: f"{t[a].sum() / t[b].sum():.3f}x ({(t[a] / t[b]).min():.3f}-{(t[a] / t[b]).max():.3f})"  # noqa: E731
+            def ratio(a, b):
+                return f"{t[a].sum() / t[b].sum():.3f}x ({(t[a] / t[b]).min():.3f}-{(t[a] / t[b]).max():.3f})"
             print(f"  {label:9s} {dp}x{cp}: skrull/skrull_plus {ratio('skrull', 'skrull_plus')}   naive/skrull_plus "
-                  f"{ratio('naive', 'skrull_plus')}   skrull/(skrull_plus, H100 plans) {ratio('skrull', 'skrull_plus, H100 plans')}"
-                  f"   skrull_plus = skrull's plan on {same}/{len(t['skrull'])} steps")
+                  f"{ratio('naive', 'skrull_plus')}   skrull/(skrull_plus, H100 plans) "
+                  f"{ratio('skrull', 'skrull_plus, H100 plans')}   skrull_plus = skrull's plan on {same}/{len(t['skrull'])} steps")
 
 
 def main(argv=None):

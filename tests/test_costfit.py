@@ -144,16 +144,16 @@ def test_constants_plan_from_two_steps_after_the_fit():
 @pytest.mark.slow
 def test_train_with_calibration(tmp_path, dataset):
     """train.py on the simulated machine (deterministic times), dp = 2: the fitted constants change the plans
-    (the ranks agree on them: check_ranks_agree, every step), the losses stay those of the run with fixed
-    constants, and a run stopped at a checkpoint and resumed logs the same constants, predictions and
-    bitwise the same losses as the uninterrupted run with the same checkpoints."""
+    (the ranks agree on them: check_ranks_agree, every step), the losses stay those of one process with
+    fixed constants on the same global batches, and a run stopped at a checkpoint and resumed logs the same
+    constants, predictions and bitwise the same losses as the uninterrupted run with the same checkpoints."""
     machine = tmp_path / "machine.py"
     machine.write_text(f"import costfit\ncostfit.SIMULATED_MACHINE = {MACHINE!r}\n")
     args = dict(nproc=2, schedule="skrull_plus", batch_size=8, bucket_size=512, max_iters=6, lr_decay_iters=6,
                 calibrate_interval=2, checkpoint_interval=3, configs=[machine])
     full, part, fixed = train_all((tmp_path / "full", dataset, args),
                                   (tmp_path / "part", dataset, {**args, "max_iters": 3}),
-                                  (tmp_path / "fixed", dataset, {**args, "calibrate": False}))
+                                  (tmp_path / "fixed", dataset, {**args, "nproc": 1, "batch_size": 16, "calibrate": False}))
     resumed = train_all((tmp_path / "part", dataset, {**args, "init_from": "resume"}))[0]
     consts = [(r["iter"], r["cost_constants"]) for r in full if "cost_constants" in r]
     assert len(consts) >= 2 and consts[0][0] == 1  # the prior at the start, the fits later
