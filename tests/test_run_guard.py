@@ -224,9 +224,9 @@ def gated(tmp_path, step):
     return str(path), gate
 
 
-def start(cmd, err=None):
+def start(cmd, err=None, **environ):
     """Popen `cmd` as conftest.run does; stderr to the file `err` if given (a test can read it while it runs)."""
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env(),
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**env(), **environ},
                             stderr=open(err, "w") if err else subprocess.PIPE)
 
 
@@ -289,7 +289,8 @@ def test_one_run_per_out_dir(tmp_path, dataset):
 def sigterm_in_step(cmd, gate, out_dir, err_path, step, signalled):
     """Run `cmd` (gated at `step`), SIGTERM `signalled(proc)` while it waits inside that step, let the step
     finish once rank 0 has noticed the signal, and return (returncode, stderr)."""
-    p = start(cmd, err_path)
+    # torchrun SIGKILLs its workers 30 s after forwarding a signal (--shutdown_timeout): too soon on a busy machine
+    p = start(cmd, err_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
     wait_for(lambda: len(records(out_dir)) == step - 1, procs=[p])
     os.kill(signalled(p), signal.SIGTERM)
     wait_for(lambda: "stopping after this step" in open(err_path).read(), procs=[p])
