@@ -188,7 +188,7 @@ def model_config(config, meta_ckpt, dataset_vocab):
     source = "model_preset" if c.init_from == "scratch" else "init_from"
     try:
         if c.init_from == "resume":
-            mc = ModelConfig(**json.loads(meta_ckpt["model_config"]))
+            mc = ModelConfig(**meta_ckpt["model_config"])
         elif c.init_from == "scratch" and c.model_preset in PRESETS:
             mc = PRESETS[c.model_preset]
         else:
