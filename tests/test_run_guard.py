@@ -367,11 +367,11 @@ def test_storage_failures(tmp_path, dataset):
     - a 14 MB tmpfs holds one checkpoint of the tiny model (9.4 MB) but not the next one's temp file: the
       checkpoint at iter 2 stays, metrics.jsonl is whole, and resumed in a larger directory the run ends;
     - a 2 MB tmpfs: the export fails;
-    - a file-size limit (RLIMIT_FSIZE: EFBIG) stops a run at the step whose metrics line crosses it, and
+    - a file-size limit (RLIMIT_FSIZE, 4000 bytes: EFBIG) stops a run at the step whose metrics line crosses it, and
       the file keeps whole records only (this one needs no mount)."""
     wrapper = tmp_path / "fsize.py"
     wrapper.write_text("import resource, runpy, sys\n"
-                       "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\n"
+                       "resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))\n"
                        f"sys.argv = ['train.py'] + sys.argv[1:]\nsys.path.insert(0, {ROOT!r})\n"
                        f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
     limited = tmp_path / "fsize"
