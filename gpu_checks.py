@@ -103,6 +103,18 @@ def _ring_inputs(W, dist_lens, local_lens, dev, dtype, g, H=14, Hkv=2, D=64):
     return cu_d, cu_locals, refs, xs
 
 
+def _ring_errors(W, dist_lens, local_lens, dev, dtype, g):
+    """The in-process ring (context_parallel.emulated_attention) forward and backward on these sequences:
+    relative errors of out, dq, dk, dv against the single-process reference."""
+    cu_d, cu_locals, refs, xs = _ring_inputs(W, dist_lens, local_lens, dev, dtype, g)
+    qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
+    outs = cp.emulated_attention(*qkv, cu_d, cu_locals)
+    torch.autograd.backward(outs, [x[3] for x in xs])
+    got = [torch.cat(t) for t in (outs, *([x.grad for x in qkv[i]] for i in range(3)))]
+    ref = [torch.cat([r[i] for r in refs]) for i in range(4)]
+    return [rel_error(a, b) for a, b in zip(got, ref)]
+
+
 def check_ring(dev, dtype):
     """The in-process ring (same blocks and step loop, hops handed over in memory) at W = 2, 4, 8."""
     g = torch.Generator().manual_seed(1)
@@ -112,13 +124,7 @@ def check_ring(dev, dtype):
         dist_lens = [n2 * 96, n2 * 5, n2, n2 * 33]  # long, short, one chunk per rank, odd multiple
         local_lens = [[37 + 11 * r, 300, 1][:1 + r % 3] for r in range(W)]
         local_lens[W - 1] = []  # a rank without local sequences
-        cu_d, cu_locals, refs, xs = _ring_inputs(W, dist_lens, local_lens, dev, dtype, g)
-        qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
-        outs = cp.emulated_attention(*qkv, cu_d, cu_locals)
-        torch.autograd.backward(outs, [x[3] for x in xs])
-        got = [torch.cat(t) for t in (outs, *([x.grad for x in qkv[i]] for i in range(3)))]
-        ref = [torch.cat([r[i] for r in refs]) for i in range(4)]
-        errs = [rel_error(a, b) for a, b in zip(got, ref)]
+        errs = _ring_errors(W, dist_lens, local_lens, dev, dtype, g)
         rows.append(Row(f"ring: in-process W={W}, {len(dist_lens)} distributed + local seqs", max(errs), GPU_TOL["ring"],
                         "out/dq/dk/dv " + _errors(errs)))
     return rows
@@ -146,13 +152,7 @@ def check_varlen_q1_gqa(dev, dtype):
     rows = [Row(f"kernel: every query length 1, GQA {H}/{Hkv}, {len(k_lens)} blocks of 1..300 keys", max(errs), GPU_TOL["kernel"],
                 "out/lse/dq/dk/dv " + _errors(errs))]
     W = 4
-    cu_d, cu_locals, refs, xs = _ring_inputs(W, [2 * W] * 24, [[] for _ in range(W)], dev, dtype, g)
-    qkv = [[x[i].requires_grad_() for x in xs] for i in range(3)]
-    outs = cp.emulated_attention(*qkv, cu_d, cu_locals)
-    torch.autograd.backward(outs, [x[3] for x in xs])
-    got = [torch.cat(t) for t in (outs, *([x.grad for x in qkv[i]] for i in range(3)))]
-    ref = [torch.cat([r[i] for r in refs]) for i in range(4)]
-    errs = [rel_error(a, b) for a, b in zip(got, ref)]
+    errs = _ring_errors(W, [2 * W] * 24, [[] for _ in range(W)], dev, dtype, g)
     rows.append(Row(f"ring: in-process W={W}, 24 sequences of 2W tokens (one-token chunks, GQA)", max(errs), GPU_TOL["ring"],
                     "out/dq/dk/dv " + _errors(errs)))
     return rows
