@@ -418,8 +418,8 @@ def gds_split(lengths, dp, cp, bucket_size, cost, t_local):
     tokens (longest-processing-time first: the costliest sequence goes to the least-loaded rank).
     A sequence's estimate is its share of its CP group's time: t_local/N if it can stay local, its
     distributed time otherwise, plus its share of the micro-batch overhead (memory -> micro-batches).
-    The least-loaded rank comes off a heap keyed (load, sequences so far, rank): O(n log dp), and the
-    same rank a scan for the smallest key finds (keys are distinct, since the rank is part of it)."""
+    "Least-loaded" is the least key (load, sequences so far, rank): keys are distinct, so ties are
+    broken the same way on every rank (lpt_ranks does the assignment)."""
     n = len(lengths)
     if dp == 1:
         return [list(range(n))]
@@ -430,13 +430,53 @@ def gds_split(lengths, dp, cp, bucket_size, cost, t_local):
         est[k] = cost.t_dist(lengths[k], cp)
     est += cost.c_mb * lens / (bucket_size * cp)
     order = np.argsort(-est, kind="stable")  # costliest first, ties by index
-    ranks, replace = [[] for _ in range(dp)], heapq.heapreplace
-    heap = [(0.0, 0, r) for r in range(dp)]  # already a heap: sorted
-    for k, e in zip(order.tolist(), est[order].tolist()):
-        load, count, r = heap[0]
+    ranks = [[] for _ in range(dp)]
+    for k, r in enumerate(lpt_ranks(est[order], order, dp).tolist()):
         ranks[r].append(k)
-        replace(heap, (load + e, count + 1, r))
-    return [sorted(r) for r in ranks]
+    return ranks
+
+
+LPT_ROUND = 32  # fewest sequences a numpy round must place to beat the heap's one-at-a-time steps
+
+
+def lpt_ranks(est, order, dp):
+    """The DP rank of each sequence: sequence order[i], estimates est[i] falling, goes to the rank of
+    least key (load, sequences so far, rank), one after another. Returns ranks indexed by sequence.
+    The same assignment, in rounds when that pays: with the ranks sorted by key, the next j sequences
+    go to the j least ranks, one each, as long as every rank served earlier in the round has risen
+    above the next one's load (strictly: a tie ends the round). Estimates that fall slowly make rounds
+    of about dp sequences, so about n/dp numpy rounds replace n Python steps (2x faster at dp 64).
+    A round shorter than LPT_ROUND (small dp, or loads far apart) is not taken: the next dp sequences
+    are placed one at a time from a heap of the keys instead, O(log dp) each."""
+    n = len(order)
+    loads, counts, rank_ids = np.zeros(dp), np.zeros(dp, dtype=np.int64), np.arange(dp)
+    out = np.empty(n, dtype=np.int64)
+    i = 0
+    while i < n:
+        by_key = np.lexsort((rank_ids, counts, loads))
+        m = min(dp, n - i)
+        new = loads[by_key[:m]] + est[i:i + m]
+        short = np.flatnonzero(np.minimum.accumulate(new)[:-1] <= loads[by_key[1:m]])
+        j = int(short[0]) + 1 if len(short) else m
+        if j >= LPT_ROUND:
+            served = by_key[:j]
+            out[order[i:i + j]] = served
+            loads[served] = new[:j]
+            counts[served] += 1
+            i += j
+            continue
+        end = n if dp < LPT_ROUND else min(n, i + dp)
+        heap = list(zip(loads[by_key].tolist(), counts[by_key].tolist(), by_key.tolist()))  # sorted: a heap
+        got, replace = [], heapq.heapreplace
+        for e in est[i:end].tolist():
+            load, count, r = heap[0]
+            got.append(r)
+            replace(heap, (load + e, count + 1, r))
+        out[order[i:end]] = got
+        for load, count, r in heap:
+            loads[r], counts[r] = load, count
+        i = end
+    return out
 
 
 def gds_microbatches(idx, lengths, cp, bucket_size, cost, t_local, m=None):
@@ -567,7 +607,7 @@ def _check_inputs(lengths, dp, cp, bucket_size, policy):
     lengths = lens.tolist() if lens.dtype.kind in "iu" and lens.ndim == 1 else [int(s) for s in lengths]
     if not lengths:
         raise ValueError("empty batch: no sequences to schedule")
-    lens = np.asarray(lengths, dtype=np.int64)
+    lens = lens.astype(np.int64) if lens.dtype.kind == "i" and lens.ndim == 1 else np.asarray(lengths, dtype=np.int64)
     share = -(-lens // (2 * cp)) * 2  # padded_len(s, cp) // cp
     bad = np.flatnonzero((lens < 1) | ((lens > bucket_size) if cp == 1 else (share > bucket_size)))
     for k in bad[:1].tolist():  # the first sequence that does not fit says why

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import scheduler
 import skrull_plus  # noqa: F401  registers "skrull_plus" (every policy is checked below)
 from golden.make_golden import PROFILE
 from planner import Planner
@@ -33,12 +34,37 @@ COSTS = {"default": CostModel(), "profile": CostModel.from_profile(None, PROFILE
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 70), st.sampled_from([1, 2, 8]), st.integers(16, 5000), st.sampled_from(sorted(COSTS)),
-       st.lists(st.integers(1, 40_000), min_size=1, max_size=200), st.booleans())
-def test_heap_split_is_the_linear_split(dp, cp, C, cost_name, lengths, repeat):
-    """Including ties: repeated lengths give equal estimates, and equal loads break by count, then rank."""
+       st.lists(st.integers(1, 40_000), min_size=1, max_size=200), st.booleans(), st.sampled_from([None, 1]))
+def test_heap_split_is_the_linear_split(dp, cp, C, cost_name, lengths, repeat, lpt_round):
+    """Including ties: repeated lengths give equal estimates, and equal loads break by count, then rank.
+    lpt_round 1: every numpy round is taken however short, so the rounds meet these small cases too."""
     if repeat:
         lengths = lengths[:3] * 20
     cost = COSTS[cost_name]
+    t_local = local_times(lengths, cost)
+    default = scheduler.LPT_ROUND
+    scheduler.LPT_ROUND = lpt_round or default
+    try:
+        assert gds_split(lengths, dp, cp, C, cost, t_local) == linear_split(lengths, dp, cp, C, cost, t_local)
+    finally:
+        scheduler.LPT_ROUND = default
+
+
+@pytest.mark.parametrize("case", ["lmsys", "chatqa2", "wikipedia", "one_rank_takes_the_rest", "zero_costs", "equal_lengths"])
+def test_split_in_rounds_is_the_linear_split(case):
+    """dp 64 and 1,024-4,096 sequences, where lpt_ranks places sequences in numpy rounds: the paper's shapes,
+    and the cases that end rounds early or make them short (63 ranks loaded far above the rest, every
+    estimate 0 so every load ties, equal estimates) and so switch to the heap and back."""
+    from simulate import sample_global_batch
+    dp, cp, C, cost = 64, 8, 26_000, COSTS["default"]
+    if case == "one_rank_takes_the_rest":
+        lengths = [200_000] * 63 + [16] * 1_000
+    elif case == "equal_lengths":
+        lengths = [4096] * 1_000 + [1024] * 1_000
+    else:
+        lengths = sample_global_batch("lmsys" if case == "zero_costs" else case, dp * 64, np.random.default_rng(7), cp * C)
+    if case == "zero_costs":
+        cost = cost.with_constants({k: 0.0 for k in ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")})
     t_local = local_times(lengths, cost)
     assert gds_split(lengths, dp, cp, C, cost, t_local) == linear_split(lengths, dp, cp, C, cost, t_local)
 
