@@ -1,6 +1,7 @@
 """What planning costs a training rank as the cluster grows, and how much of a step waits for it.
 
     python -m bench.plan [--baseline DIR] [--gpus 32,128,512,4096] [--batches 2] [--repeats 3] [--interference]
+                         [--split]
 
 For 32, 128, 512 and 4,096 GPUs (cp 8, so dp 4 to 512; 64 sequences per DP rank; C 26K; Qwen2.5-0.5B with
 the H100 constants of scheduler.H100) and the three length shapes of paper Table 1 (simulate.py), per
@@ -18,6 +19,7 @@ whole plan on the training loop's thread, so its wait is its whole planning time
 is shown where its plan differs (skrull_plus above skrull_plus.PLUS_GLOBAL_DP DP ranks).
 --interference: a loop of small torch ops timed alone, beside a planner thread, and beside the planner
 process (why planner.py plans in a process).
+--split: the DP split alone, in numpy rounds (as shipped) vs one sequence at a time off the heap, alternating.
 """
 import argparse
 import json
@@ -196,6 +198,36 @@ def interference(reps=5):
         print(f"  {name:28s} {fmt(ts)}")
 
 
+def split_rounds(args, reps=7):
+    """The DP split alone (scheduler.gds_split, skrull's estimates): in numpy rounds (lpt_ranks, as shipped)
+    and one sequence at a time off the heap (LPT_ROUND above the sequence count), alternating call by call
+    on the same batches. Both give the same split (checked here too)."""
+    import scheduler
+    from scheduler import CostModel, gds_split, local_times
+    cost, default = CostModel("qwen2.5-0.5b"), scheduler.LPT_ROUND
+    print(f"# the DP split, rounds vs heap only: {reps} alternating calls per batch, {args.batches} batches per shape; "
+          f"CPU ms, median [min-max]; load average {os.getloadavg()[0]:.1f}")
+    print("| GPUs | DP | shape | rounds (ms) | heap only (ms) | heap / rounds |\n|---|---|---|---|---|---|")
+    for gpus in args.gpus:
+        dp = gpus // CP
+        for ds, bs in batches(gpus, args.batches).items():
+            t = {"rounds": [], "heap": []}
+            for lengths in bs:
+                t_local = local_times(lengths, cost)
+                splits = {}
+                for _ in range(reps):
+                    for name, lpt_round in (("rounds", default), ("heap", len(lengths) + 1)):
+                        scheduler.LPT_ROUND = lpt_round
+                        try:
+                            t[name] += cpu_ms(lambda: splits.__setitem__(name, gds_split(lengths, dp, CP, C, cost, t_local)), 1)
+                        finally:
+                            scheduler.LPT_ROUND = default
+                assert splits["rounds"] == splits["heap"], "the rounds' split differs from the heap's"
+            print(f"| {gpus} | {dp} | {ds} | {fmt(t['rounds'])} | {fmt(t['heap'])} | "
+                  f"{statistics.median(t['heap']) / statistics.median(t['rounds']):.2f}x |", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+
+
 def main():
     if "--worker" in sys.argv:
         return baseline_worker()
@@ -205,9 +237,12 @@ def main():
     ap.add_argument("--batches", type=int, default=2, help="global batches per shape")
     ap.add_argument("--repeats", type=int, default=3, help="calls per batch and rank (1 at 4096 GPUs)")
     ap.add_argument("--interference", action="store_true", help="only the thread-vs-process interference")
+    ap.add_argument("--split", action="store_true", help="only the DP split: numpy rounds vs the heap alone")
     args = ap.parse_args()
     if args.interference:
         return interference()
+    if args.split:
+        return split_rounds(args)
     table(args)
 
 
