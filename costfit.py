@@ -115,9 +115,16 @@ def fit_constants(G, g, n, prior):
     normal equations of the 1/y-weighted rows; n: their count) + RIDGE n ||D (c - prior)||^2, c >= 0.
     D scales each column to mean square 1, so the ridge weighs every constant alike and only decides
     what the data leaves open (collinear columns, e.g. b_call and c_mb when every micro-batch makes one
-    call per layer). A column the data never touches (a_ring without CP) keeps its prior value."""
+    call per layer). A column the data never touches (a_ring without CP) keeps its prior value.
+    The prior counts at this machine's speed: it is first multiplied by the one factor that best scales its
+    predictions to the measured times (the same weighted least squares). The H100 defaults are ~1e4 times
+    too fast for a CPU: unscaled, a constant the data barely informs (a_ring before the first distributed
+    sequence) would stay 1e4 times too small, and plans would treat the ring as free."""
     G, g = np.asarray(G, dtype=np.float64), np.asarray(g, dtype=np.float64)
     c0 = np.array([prior[k] for k in FIT], dtype=np.float64)
+    predicted = float(c0 @ G @ c0)  # the prior's squared predictions, relative to the measured times
+    if n and predicted > 0:
+        c0 *= float(c0 @ g) / predicted
     out = c0.copy()
     d = np.sqrt(np.maximum(np.diag(G), 0.0) / max(n, 1))
     seen = d > 1e-300
