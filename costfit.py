@@ -8,10 +8,11 @@ so every machine plans with its own constants, with or without an offline profil
   Calibrator    what train.py calls: the timing hooks, the gather, the fit, which constants plan which
                 step, the state a checkpoint keeps, and the metrics
 
-Without communication, CostModel.rank_time is linear in FIT: a micro-batch's time is x . c, where column k
-of x is rank_time with constant k = 1 and every other one 0. Communication (hop latency, bandwidth,
-comm_overlap) enters through max/overlap terms: it stays at the prior's values, and what the model in
-force predicts of it is subtracted from the measured time before the fit. Rows are weighted by 1/measured
+With comm_overlap = 0, CostModel.rank_time is linear in FIT: a micro-batch's time is x . c, where column k
+of x is rank_time with constant k = 1 and every other one 0 (for p2p_latency: the hops on the ring's
+critical path). So the fit measures communication as the time per hop the compute did not hide
+(p2p_latency, with comm_overlap = 0 in every fitted model); the bandwidth stays at the prior's value, and
+what it adds is subtracted from the measured time before the fit. Rows are weighted by 1/measured
 (relative error: a short micro-batch counts as much as a long one), as `calibrate.py` fits the profile.
 t_optim (per step: gradient exchange, optimizer, and train.py's own work between micro-batches) is the
 median of the measured step time minus the slowest rank's micro-batch times, over the last RESIDUALS steps.
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-FIT = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")  # fitted from micro-batch times
-CONSTANTS = FIT + ("t_optim",)                              # what a fit sets (and the metrics log)
+COMPUTE = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")
+FIT = COMPUTE + ("p2p_latency",)                 # fitted from micro-batch times
+CONSTANTS = FIT + ("comm_overlap", "t_optim")    # what a fit sets (and the metrics log)
 RIDGE = 1e-4      # ridge weight per observation, in units where every column has mean square 1
 RESIDUALS = 32    # steps whose overhead (measured step - micro-batches) sets t_optim: their median
 # {constant: value}, or None: "time" micro-batches and steps by this cost model instead of the clock, a machine
@@ -116,15 +118,17 @@ def fit_constants(G, g, n, prior):
     D scales each column to mean square 1, so the ridge weighs every constant alike and only decides
     what the data leaves open (collinear columns, e.g. b_call and c_mb when every micro-batch makes one
     call per layer). A column the data never touches (a_ring without CP) keeps its prior value.
-    The prior counts at this machine's speed: it is first multiplied by the one factor that best scales its
-    predictions to the measured times (the same weighted least squares). The H100 defaults are ~1e4 times
-    too fast for a CPU: unscaled, a constant the data barely informs (a_ring before the first distributed
-    sequence) would stay 1e4 times too small, and plans would treat the ring as free."""
+    The prior's compute constants count at this machine's speed: they are first multiplied by the one
+    factor that best scales their predictions to the measured times (the same weighted least squares). The
+    H100 defaults are ~1e4 times too fast for a CPU: unscaled, a constant the data barely informs (a_ring
+    before the first distributed sequence) would stay 1e4 times too small, and plans would treat the ring
+    as free. p2p_latency is not scaled: a network is not slower because the processors are."""
     G, g = np.asarray(G, dtype=np.float64), np.asarray(g, dtype=np.float64)
     c0 = np.array([prior[k] for k in FIT], dtype=np.float64)
-    predicted = float(c0 @ G @ c0)  # the prior's squared predictions, relative to the measured times
+    compute = np.where([k in COMPUTE for k in FIT], c0, 0.0)
+    predicted = float(compute @ G @ compute)  # the prior's squared predictions, relative to the measured times
     if n and predicted > 0:
-        c0 *= float(c0 @ g) / predicted
+        c0 += compute * (float(compute @ g) / predicted - 1)
     out = c0.copy()
     d = np.sqrt(np.maximum(np.diag(G), 0.0) / max(n, 1))
     seen = d > 1e-300
@@ -287,6 +291,7 @@ class Calibrator:
         consts = torch.tensor([getattr(cost, k) for k in CONSTANTS], dtype=torch.float64)
         if self.rank == 0 and self.n:
             fitted = fit_constants(self.G, self.g, self.n, {k: getattr(self.prior, k) for k in FIT})
+            fitted["comm_overlap"] = 0.0  # p2p_latency was fitted as the hop time left exposed
             if self.residuals:  # t_step = t_optim + the gradient exchange (kept at the prior's terms)
                 exchange = cost.t_step(self.world) - cost.t_optim
                 fitted["t_optim"] = max(0.0, float(np.median(self.residuals)) - exchange)
@@ -333,10 +338,10 @@ class Calibrator:
 
 
 def _unit_models(cost):
-    """One CostModel per FIT constant: that constant 1, the others and all communication 0, so that
-    rank_time is the constant's column of the linear model."""
+    """One CostModel per FIT constant: that constant 1, the others 0, no bandwidth term and no overlap, so
+    that rank_time is the constant's column of the linear model."""
     zero = dict.fromkeys(FIT, 0.0)
-    off = {"p2p_latency": 0.0, "p2p_bandwidth": math.inf}
+    off = {"p2p_bandwidth": math.inf, "comm_overlap": 0.0}
     return [cost.with_constants({**zero, **off, k: 1.0}) for k in FIT]
 
 
@@ -346,15 +351,17 @@ TIME, PRED, COMM, LEAD, DIST, COLUMNS = range(6)  # then one column per FIT cons
 
 def rows(cost, lengths, mbs, times, cp_rank, n_mb):
     """This rank's observations of its DP rank's micro-batches `mbs` ({index: measured seconds} in times),
-    padded to n_mb rows: measured time, the time `cost` predicts for this CP rank, its communication part,
-    whether this rank is the micro-batch's slowest by the prediction (the one a ring micro-batch is
+    padded to n_mb rows: measured time, the time `cost` predicts for this CP rank, what the bandwidth adds
+    (in no column), whether this rank is the micro-batch's slowest by the prediction (the one a ring micro-batch is
     fitted on), whether the micro-batch is distributed, and this rank's column of the linear model."""
     units = _unit_models(cost)
     nocomm = cost.with_constants({"p2p_latency": 0.0, "p2p_bandwidth": math.inf})
+    bandwidth = cost.with_constants({"p2p_latency": 0.0, "comm_overlap": 0.0})  # the bandwidth term alone, exposed
     out = np.full((n_mb, COLUMNS + len(FIT)), math.nan)
     for i, mb in enumerate(mbs):
         pred = cost.rank_times(mb, lengths)
-        out[i, :COLUMNS] = (times.get(i, math.nan), pred[cp_rank], pred[cp_rank] - nocomm.rank_times(mb, lengths)[cp_rank],
+        comm = bandwidth.rank_times(mb, lengths)[cp_rank] - nocomm.rank_times(mb, lengths)[cp_rank]
+        out[i, :COLUMNS] = (times.get(i, math.nan), pred[cp_rank], comm,
                             float(int(np.argmax(pred)) == cp_rank), float(bool(mb.distributed)))
         out[i, COLUMNS:] = [u.rank_times(mb, lengths)[cp_rank] for u in units]
     return out

@@ -10,6 +10,7 @@
     python -m bench.prepare_speed  # data/prepare.py tokens/s and peak memory at 1 process and every core
     python -m bench.ckpt      # sharded checkpoints at 107M params, 4 ranks: kill -9, resharding, host memory, async, export
     python -m bench.calibration  # what the online cost-model fit (costfit.py) costs per step and per fit
+    python -m bench.balance   # what evening out two ranks' work gains on this CPU, against the cost model's independent ranks
 
 bench/common.py holds what they share; bench/ckpt_probe.py is bench.ckpt's per-rank probe. The cost constants train.py reads come from calibrate.py,
 which is part of running the method, not a benchmark.

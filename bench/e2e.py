@@ -212,6 +212,44 @@ def replan(args, tmp):
             print(f"  {label:9s} {dp}x{cp}: skrull/skrull_plus {ratio('skrull', 'skrull_plus')}   naive/skrull_plus "
                   f"{ratio('naive', 'skrull_plus')}   skrull/(skrull_plus, H100 plans) "
                   f"{ratio('skrull', 'skrull_plus, H100 plans')}   skrull_plus = skrull's plan on {same}/{len(t['skrull'])} steps")
+            own_constants(args, tmp, ds, train_ids, shape, dp, cp, max_len, defaults)
+
+
+def own_constants(args, tmp, ds, train_ids, shape, dp, cp, max_len, defaults):
+    """Each run planned with its own fitted constants. Per timed step of every skrull_plus run: skrull's plan
+    under the constants that planned that step (metrics.jsonl) against skrull_plus's, and against the plan the
+    skrull runs actually ran (under their own constants) for the same step."""
+    import glob
+    from data.prepare import global_batch
+
+    def in_force(path):  # step -> the constants that planned it (logged when they change)
+        out, cur = {}, None
+        for line in open(path):
+            rec = json.loads(line)
+            if "iter" in rec:
+                cur = rec.get("cost_constants", cur)
+                out[rec["iter"] - 1] = cur
+        return out
+    runs = {p: [in_force(f) for f in sorted(glob.glob(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_*", "metrics.jsonl")))]
+            for p in ("skrull", "skrull_plus")}
+    same = other = n = 0
+    gains = []
+    for it in range(args.warmup, args.iters):
+        b = [int(ds.lengths[i]) for i in train_ids[global_batch(len(train_ids), dp * args.batch_size, it, args.seed)]]
+        kw = dict(dp=dp, cp=cp, bucket_size=max_len, seed=args.seed + it)
+        ran = {plan_key(schedule(b, policy="skrull", cost=defaults.with_constants(r[it]), **kw)) for r in runs["skrull"]}
+        for r in runs["skrull_plus"]:
+            cost = defaults.with_constants(r[it])
+            plans = {p: schedule(b, policy=p, cost=cost, **kw) for p in ("skrull", "skrull_plus")}
+            n += 1
+            same += plan_key(plans["skrull"]) == plan_key(plans["skrull_plus"])
+            other += plan_key(plans["skrull"]) not in ran
+            gain = cost.predict_step_time(plans["skrull"], b) / cost.predict_step_time(plans["skrull_plus"], b) - 1
+            if gain:
+                gains.append(gain)
+    print(f"      under each skrull_plus run's own constants: skrull_plus = skrull's plan on {same}/{n} run-steps"
+          + (f" (predicted gain on the others: median {np.median(gains) * 100:.2f}%, max {max(gains) * 100:.2f}%)" if gains else "")
+          + f"; that skrull plan is none of the skrull runs' own plans for the step on {other}/{n}")
 
 
 def main(argv=None):

@@ -70,10 +70,12 @@ def test_fit_recovers_a_machine_and_keeps_the_scaled_prior_where_uninformed():
 
 
 def test_fit_with_cp_and_nonnegative_under_noise():
-    """CP = 2 plans (ring micro-batches: the slowest rank): every constant recovered; with 30% noise on
+    """CP = 2 plans (ring micro-batches: the slowest rank): every constant recovered, the hops' exposed time
+    too where the compute does not hide them (a CPU's gloo: 1 ms per hop, no overlap); with 30% noise on
     a machine whose b_seq is 0, no constant goes negative."""
     prior = CostModel(TINY)
-    for machine, noise in ((MACHINE, 0.0), ({**MACHINE, "b_seq": 0.0}, 0.3)):
+    exposed = {**MACHINE, "p2p_latency": 1e-3, "comm_overlap": 0.0}
+    for machine, noise in ((MACHINE, 0.0), (exposed, 0.0), ({**MACHINE, "b_seq": 0.0}, 0.3)):
         true = prior.with_constants(machine)
         calib = costfit.Calibrator(prior, enabled=True, interval=1, freeze=0, world=2, cp=2, rank=0, device="cpu", cuda=False)
         rng = np.random.default_rng(2)
@@ -93,6 +95,13 @@ def test_fit_with_cp_and_nonnegative_under_noise():
         if not noise:
             for k in ("a", "a_attn", "a_ring"):
                 assert got[k] == pytest.approx(machine[k], rel=2e-2), (k, got)
+        if machine is exposed:  # at one cp the hops per layer go with the ring's calls per layer (b_call):
+            # the split between them is the ridge's, the time of a ring micro-batch is the machine's
+            assert got["p2p_latency"] == pytest.approx(1e-3, rel=0.2), got
+            fitted = prior.with_constants({**got, "comm_overlap": 0.0})
+            for mb in plan[0]:
+                assert max(fitted.rank_times(mb, lengths)) == pytest.approx(max(true.rank_times(mb, lengths)), rel=2e-2)
+            assert any(mb.distributed for mb in plan[0])
 
 
 def test_timer_reads_one_step_late_on_the_cuda_path():
