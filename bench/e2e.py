@@ -230,7 +230,7 @@ def own_constants(args, tmp, ds, train_ids, shape, dp, cp, max_len, defaults):
                 cur = rec.get("cost_constants", cur)
                 out[rec["iter"] - 1] = cur
         return out
-    runs = {p: [in_force(f) for f in sorted(glob.glob(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_*", "metrics.jsonl")))]
+    runs = {p: [in_force(f) for f in sorted(glob.glob(os.path.join(tmp, f"{shape}_{dp}x{cp}_{p}_[0-9]*", "metrics.jsonl")))]
             for p in ("skrull", "skrull_plus")}
     same = other = n = 0
     gains = []
