@@ -122,7 +122,9 @@ def fit_constants(G, g, n, prior):
     factor that best scales their predictions to the measured times (the same weighted least squares). The
     H100 defaults are ~1e4 times too fast for a CPU: unscaled, a constant the data barely informs (a_ring
     before the first distributed sequence) would stay 1e4 times too small, and plans would treat the ring
-    as free. p2p_latency is not scaled: a network is not slower because the processors are."""
+    as free. One factor helps as far as the prior's shape is right (on a CPU's tiny micro-batches the
+    defaults' fixed costs dominate it, and a_ring stays 60-200x small). p2p_latency is not scaled: a
+    network is not slower because the processors are."""
     G, g = np.asarray(G, dtype=np.float64), np.asarray(g, dtype=np.float64)
     c0 = np.array([prior[k] for k in FIT], dtype=np.float64)
     compute = np.where([k in COMPUTE for k in FIT], c0, 0.0)
