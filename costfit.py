@@ -10,9 +10,10 @@ so every machine plans with its own constants, with or without an offline profil
 
 With comm_overlap = 0, CostModel.rank_time is linear in FIT: a micro-batch's time is x . c, where column k
 of x is rank_time with constant k = 1 and every other one 0 (for p2p_latency: the hops on the ring's
-critical path). So the fit measures communication as the time per hop the compute did not hide
-(p2p_latency, with comm_overlap = 0 in every fitted model); the bandwidth stays at the prior's value, and
-what it adds is subtracted from the measured time before the fit. Rows are weighted by 1/measured
+critical path). So the fit measures communication as what the compute did not hide (`exposed`): every
+fitted model has comm_overlap = 0, p2p_latency the exposed time per hop (its prior: the prior's latency
+times 1 - comm_overlap), and the prior's bandwidth term's exposed share, not fitted, which is subtracted
+from the measured time before the fit (none under the H100 defaults, whose comm_overlap is 1). Rows are weighted by 1/measured
 (relative error: a short micro-batch counts as much as a long one), as `calibrate.py` fits the profile.
 t_optim (per step: gradient exchange, optimizer, and train.py's own work between micro-batches) is the
 median of the measured step time minus the slowest rank's micro-batch times, over the last RESIDUALS steps.
@@ -25,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 COMPUTE = ("a", "a_attn", "a_ring", "b_call", "b_seq", "c_mb")
-FIT = COMPUTE + ("p2p_latency",)                 # fitted from micro-batch times
-CONSTANTS = FIT + ("comm_overlap", "t_optim")    # what a fit sets (and the metrics log)
+FIT = COMPUTE + ("p2p_latency",)                                 # fitted from micro-batch times
+CONSTANTS = FIT + ("p2p_bandwidth", "comm_overlap", "t_optim")   # what a fit sets (and the metrics log)
 RIDGE = 1e-4      # ridge weight per observation, in units where every column has mean square 1
 RESIDUALS = 32    # steps whose overhead (measured step - micro-batches) sets t_optim: their median
 # {constant: value}, or None: "time" micro-batches and steps by this cost model instead of the clock, a machine
@@ -292,8 +293,9 @@ class Calibrator:
         cost = self.models[-1][1]
         consts = torch.tensor([getattr(cost, k) for k in CONSTANTS], dtype=torch.float64)
         if self.rank == 0 and self.n:
-            fitted = fit_constants(self.G, self.g, self.n, {k: getattr(self.prior, k) for k in FIT})
-            fitted["comm_overlap"] = 0.0  # p2p_latency was fitted as the hop time left exposed
+            prior = exposed(self.prior)
+            fitted = fit_constants(self.G, self.g, self.n, {k: getattr(prior, k) for k in FIT})
+            fitted.update(p2p_bandwidth=prior.p2p_bandwidth, comm_overlap=0.0)  # p2p_latency: the hop time left exposed
             if self.residuals:  # t_step = t_optim + the gradient exchange (kept at the prior's terms)
                 exchange = cost.t_step(self.world) - cost.t_optim
                 fitted["t_optim"] = max(0.0, float(np.median(self.residuals)) - exchange)
@@ -339,6 +341,19 @@ class Calibrator:
         return rec
 
 
+def exposed(cost):
+    """cost with its communication as the compute leaves it exposed: comm_overlap 0, and the latency and
+    the bandwidth term scaled by 1 - comm_overlap (a fitted model is already so: the same constants)."""
+    hidden = cost.comm_overlap
+    if hidden == 0:
+        return cost
+    return cost.with_constants({"comm_overlap": 0.0, "p2p_latency": cost.p2p_latency * (1 - hidden),
+                                "p2p_bandwidth": cost.p2p_bandwidth / (1 - hidden) if hidden < 1 else NO_BANDWIDTH_TERM})
+
+
+NO_BANDWIDTH_TERM = 1e30  # B/s: a bandwidth term of ~1e-23 s per hop, none to speak of (JSON has no infinity)
+
+
 def _unit_models(cost):
     """One CostModel per FIT constant: that constant 1, the others 0, no bandwidth term and no overlap, so
     that rank_time is the constant's column of the linear model."""
@@ -353,12 +368,13 @@ TIME, PRED, COMM, LEAD, DIST, COLUMNS = range(6)  # then one column per FIT cons
 
 def rows(cost, lengths, mbs, times, cp_rank, n_mb):
     """This rank's observations of its DP rank's micro-batches `mbs` ({index: measured seconds} in times),
-    padded to n_mb rows: measured time, the time `cost` predicts for this CP rank, what the bandwidth adds
-    (in no column), whether this rank is the micro-batch's slowest by the prediction (the one a ring micro-batch is
-    fitted on), whether the micro-batch is distributed, and this rank's column of the linear model."""
+    padded to n_mb rows: measured time, the time `cost` predicts for this CP rank, what the exposed
+    bandwidth term adds (in no column), whether this rank is the micro-batch's slowest by the prediction
+    (the one a ring micro-batch is fitted on), whether the micro-batch is distributed, and this rank's
+    column of the linear model."""
     units = _unit_models(cost)
     nocomm = cost.with_constants({"p2p_latency": 0.0, "p2p_bandwidth": math.inf})
-    bandwidth = cost.with_constants({"p2p_latency": 0.0, "comm_overlap": 0.0})  # the bandwidth term alone, exposed
+    bandwidth = exposed(cost).with_constants({"p2p_latency": 0.0})  # the exposed bandwidth term alone
     out = np.full((n_mb, COLUMNS + len(FIT)), math.nan)
     for i, mb in enumerate(mbs):
         pred = cost.rank_times(mb, lengths)

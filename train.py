@@ -60,7 +60,7 @@ cp = 1  # context-parallel degree; dp = world_size // cp
 schedule = "skrull"  # one of scheduler.POLICIES: naive | sorted | dacp | skrull (the paper) | skrull_plus (ours)
 bucket_size = 4096  # BucketSize C: max tokens one rank holds for a micro-batch; 0 -> from `profile`
 profile = None  # path to a profile JSON from `python calibrate.py` (cost constants, bucket_size)
-calibrate = True  # fit the cost model's compute constants to this run's micro-batch times (costfit.py), the profile's or defaults as prior
+calibrate = True  # fit the cost model's constants (compute, the ring's exposed hop time) to this run's micro-batch times (costfit.py), the profile's or defaults as prior
 calibrate_interval = 1  # steps between fits (each: one all_gather of the times, one broadcast of the constants)
 calibrate_freeze = 100  # the constants stop changing after this many steps; 0 = never
 batch_size = 8  # sequences per DP rank per optimizer step

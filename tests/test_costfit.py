@@ -186,3 +186,26 @@ def in_force(records):
     for r in records:
         out.append(r.get("cost_constants", out[-1] if out else None))
     return out
+
+
+def test_fitted_communication_is_what_the_prior_leaves_exposed():
+    """A fitted model has comm_overlap 0 and the prior's communication as the compute leaves it exposed: the
+    H100 defaults hide every hop (comm_overlap 1), so without a timed ring step the fit plans with no exposed
+    latency and no bandwidth term, as the defaults did; a prior with half the hop hidden keeps half of it."""
+    prior = CostModel(TINY)
+    half = prior.with_constants({"comm_overlap": 0.5, "p2p_latency": 1e-3, "p2p_bandwidth": 2e9})
+    assert costfit.exposed(half).p2p_latency == 0.5e-3 and costfit.exposed(half).p2p_bandwidth == 4e9
+    assert costfit.exposed(costfit.exposed(half)).p2p_latency == 0.5e-3  # a fitted model is already exposed
+    calib = costfit.Calibrator(prior, enabled=True, interval=1, freeze=0, world=1, cp=1, rank=0, device="cpu", cuda=False)
+    rng, true = np.random.default_rng(3), prior.with_constants(MACHINE)
+    for step in range(4):
+        lengths = [int(x) for x in rng.integers(8, 3000, size=12)]
+        plan = schedule(lengths, dp=1, cp=1, bucket_size=4096, policy="skrull", cost=prior)
+        observe(calib, prior, lengths, plan, lambda mb, lengths: true.rank_times(mb, lengths)[0])
+    calib.fit(3)
+    fitted = calib.cost_for(5)
+    assert (fitted.comm_overlap, fitted.p2p_latency, fitted.p2p_bandwidth) == (0.0, 0.0, costfit.NO_BANDWIDTH_TERM)
+    lengths = [3000, 2500, 40]  # a ring micro-batch: the fitted model adds no communication the defaults hid
+    mb = schedule(lengths, dp=1, cp=2, bucket_size=2048, policy="skrull", cost=prior)[0][0]
+    no_comm = fitted.with_constants({"p2p_latency": 0.0, "p2p_bandwidth": math.inf})
+    assert mb.distributed and fitted.rank_times(mb, lengths) == no_comm.rank_times(mb, lengths)
