@@ -445,7 +445,8 @@ def lpt_ranks(est, order, dp):
     The same assignment, in rounds when that pays: with the ranks sorted by key, the next j sequences
     go to the j least ranks, one each, as long as every rank served earlier in the round has risen
     above the next one's load (strictly: a tie ends the round). Estimates that fall slowly make rounds
-    of about dp sequences, so about n/dp numpy rounds replace n Python steps (2x faster at dp 64).
+    of about dp sequences, so about n/dp numpy rounds replace n Python steps (1.5x faster at dp 64, 2x
+    at dp 512: python -m bench.plan --split).
     A round shorter than LPT_ROUND (small dp, or loads far apart) is not taken: the next dp sequences
     are placed one at a time from a heap of the keys instead, O(log dp) each."""
     n = len(order)
