@@ -16,7 +16,8 @@ defaults, no profile at all): every policy runs (plans under learned constants c
 pred_ms), and the constants fitted by the end of the runs are printed per cell. Each run's constants and
 predictions follow the load it met, so the plans are then compared without it (`replan`, also on its own:
 --replan DIR, the kept run directory): every cell's batches re-planned under one set of constants, the
-median of what its runs fitted, and scored under it.
+median of what its runs fitted, and scored under it; and each skrull_plus run's steps re-planned under
+that run's own constants, against skrull's plan under the same constants and the skrull runs' own plans.
 
     python -m bench.e2e [--profile profile_cpu.json|none] [--calibrate] [--calibrate_interval 1] [--iters 6]
                         [--warmup 1] [--reps 3] [--batch_size 16] [--policies naive,skrull,skrull_plus]
