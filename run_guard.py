@@ -42,6 +42,7 @@ and metrics.jsonl keeps whole lines only (append_line). SIGXFSZ is ignored, so a
 """
 import atexit
 import errno
+import fcntl
 import json
 import os
 import re
@@ -93,11 +94,16 @@ def _read(path):
             text = f.read()
     except FileNotFoundError:
         return None
+    return _record(text), st
+
+
+def _record(text):
+    """A lock file's owner record; {} for one that is not ours to read, judged by its age alone."""
     try:
         owner = json.loads(text)
     except ValueError:
-        owner = {}  # not ours to read: judged by its age alone
-    return (owner if isinstance(owner, dict) else {}), st
+        return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 def same_machine(owner):
@@ -172,27 +178,29 @@ def acquire(out_dir, stale_s=STALE_S, heartbeat_s=HEARTBEAT_S, wait=True):
                       f"taking it over if it stays silent for {stale_s:.0f}s", file=sys.stderr, flush=True)
                 time.sleep(min(heartbeat_s, stale_s - silent + 0.1))
                 continue
-            _take_over(path, owner, st, me["token"])
+            _take_over(path, owner, st)
     finally:
         os.unlink(mine)
 
 
-def _take_over(path, owner, st, token):
-    """Remove the stale lock (`owner`, `st`) at `path`, unless another launch has replaced it meanwhile."""
-    grave = f"{path}.stale.{token}"
+def _take_over(path, owner, st):
+    """Remove the stale lock (`owner`, `st`) at `path`, unless another launch has replaced it meanwhile.
+    Launches taking it over take turns under an flock on the stale lock file itself (the kernel drops the
+    flock of a launch that dies), and each removes it only while `path` still is that file and still names
+    that owner: no launch can remove a lock another has just made in its place."""
     try:
-        os.rename(path, grave)
-    except FileNotFoundError:  # another launch moved it first
+        f = open(path, "r+")  # for writing: NFS emulates flock with POSIX locks, whose exclusive kind needs it
+    except FileNotFoundError:  # another launch removed it first
         return
-    got = _read(grave)
-    if got is not None and got[1].st_ino == st.st_ino and got[0] == owner:
-        os.unlink(grave)
-        return
-    try:  # this was a newer lock, not the stale one: put it back
-        os.link(grave, path)
-    except FileExistsError:
-        pass
-    os.unlink(grave)
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        mine = os.fstat(f.fileno())
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return
+        if now.st_ino == mine.st_ino == st.st_ino and _record(f.read()) == owner:
+            os.unlink(path)
 
 
 def release(out_dir, token):
