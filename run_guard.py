@@ -20,9 +20,9 @@ that is gone (kill -9, a lost node) is recognised:
     under STALE_S (NTP does), and that a run started within STALE_S of its predecessor's node failure
     waits for the lock to go stale. A new launch that finds a lock already silent for a few heartbeats
     waits for it (the owner is almost surely gone); a fresh heartbeat means a live run: refuse at once.
-  Taking over is atomic too: the stale lock is renamed to a unique name (one contender's rename finds it,
-  the others' fail), the renamed file is checked to be the lock that was judged stale (else it is put
-  back), and the new lock is linked in as above. If the owner finds that its lock now names another run
+  Taking over is safe against racing launches: each takes an flock on the stale lock file, and removes
+  it only while the lock's name still points at that file and it still names the stale owner, so no
+  launch removes a lock another has just linked in; the new lock is then linked in as above. If the owner finds that its lock now names another run
   (it was judged stale: its heartbeat stalled past STALE_S), it stops at the next step.
 
 Preemption. SIGTERM (what clusters and torchrun send), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
