@@ -94,7 +94,8 @@ def main(argv=None):
         print(f"step at {name}: measured {ms[0][name]:.1f}; independent ranks: {independent[name]:.1f} (the slower "
               f"rank's compute alone + the all-reduce, {ms[0]['reduce']:.1f})")
     a, b = SPLITS
-    print(f"{a} over {b} (what evening out gains): measured {ms[0][a] / ms[0][b]:.3f}x, independent ranks {independent[a] / independent[b]:.3f}x")
+    print(f"{a} over {b} (what evening out gains): measured {ms[0][a] / ms[0][b]:.3f}x, "
+          f"independent ranks {independent[a] / independent[b]:.3f}x")
 
 
 if __name__ == "__main__":
